@@ -1,0 +1,47 @@
+"""iobs_jax: sparse optimization with second-order information in JAX.
+
+The Iterative Optimal Brain Surgeon (I-OBS, Wu et al., NeurIPS 2024) and its family:
+k-sparse projections, the OBS projection and greedy OBS, Hessian-vector-product
+curvature, and IHT / I-OBS solvers that jit, vmap and take pytrees.
+"""
+
+from ._base import Status, raise_if_failed, trajectory
+from ._curvature import (
+    DenseCurvature,
+    OperatorCurvature,
+    dense_hessian,
+    hvp,
+    make_curvature,
+    newton_direction,
+    power_iteration,
+)
+from ._iht import IHT, IHTState
+from ._iobs import IOBS, IOBSState
+from ._masks import hard_threshold, nm_mask, topk_mask
+from ._obs import greedy_obs, obs_project, obs_project_from_inverse, obs_saliency
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IHT",
+    "IHTState",
+    "IOBS",
+    "IOBSState",
+    "Status",
+    "DenseCurvature",
+    "OperatorCurvature",
+    "dense_hessian",
+    "greedy_obs",
+    "hard_threshold",
+    "hvp",
+    "make_curvature",
+    "newton_direction",
+    "nm_mask",
+    "obs_project",
+    "obs_project_from_inverse",
+    "obs_saliency",
+    "power_iteration",
+    "raise_if_failed",
+    "topk_mask",
+    "trajectory",
+]

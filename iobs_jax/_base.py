@@ -1,0 +1,190 @@
+"""What the IHT and I-OBS solvers share: status codes, the run loop, the problem setup.
+
+Solvers follow the jaxopt shape: ``init_state(x0, *args)``, ``update(x, state, *args)``
+and ``run(x0, *args)``, with ``fun(x, *args) -> scalar`` and ``x`` any pytree. Internally
+every step works on the flattened parameter vector (``ravel_pytree``): ``k`` counts
+globally over the leaves and dense curvature matrices index that vector.
+
+Failures at run time (non-finite data, a Hessian that cannot be factored) never come back
+as silent NaNs: the step is rejected, the last finite iterate is kept, and
+``state.status`` is set to :attr:`Status.NONFINITE`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._masks import tree_size
+from ._validation import check_float_array, check_int, is_concrete
+
+__all__ = ["Status", "trajectory", "raise_if_failed"]
+
+
+class Status(enum.IntEnum):
+    """Outcome codes stored as ``state.status`` (an int32 array, batched under vmap).
+
+    - ``SUCCESSFUL`` (0): the relative change of the iterate fell to ``tol``.
+    - ``MAX_STEPS_REACHED`` (1): not converged yet (after ``run``: ``maxiter`` was reached).
+    - ``NONFINITE`` (2): the objective, gradient, curvature or a step was NaN/inf; the
+      returned ``x`` is the last finite iterate (``x0`` if the data itself is bad).
+    """
+
+    SUCCESSFUL = 0
+    MAX_STEPS_REACHED = 1
+    NONFINITE = 2
+
+
+def raise_if_failed(state: NamedTuple) -> None:
+    """Raise ``RuntimeError`` if a (possibly batched) solver state reports non-finite values.
+
+    Call it outside ``jit`` on the state that ``run`` returned, as a ``throw=True`` style
+    check: ``x, state = solver.run(...); raise_if_failed(state)``.
+    """
+    status = jax.device_get(state.status)
+    bad = jnp.asarray(status) == Status.NONFINITE
+    if bool(jnp.any(bad)):
+        n = int(jnp.sum(bad))
+        raise RuntimeError(
+            f"{n} solve(s) hit non-finite values (NaN/inf in the data, the objective or the "
+            "curvature). Check the inputs for NaN/inf, or add damping for a singular Hessian."
+        )
+
+
+class Problem(NamedTuple):
+    """``fun`` seen as a function of the flat parameter vector."""
+
+    flat_fun: Callable[..., jax.Array]
+    unravel: Callable[[jax.Array], Any]
+    size: int
+
+
+def setup_problem(
+    fun: Callable[..., Any], x0: Any, args: tuple, k: int, name: str, validate: bool = True
+) -> Problem:
+    """Validate ``x0``, ``k`` and ``fun(x0, *args)`` statically and flatten the problem.
+
+    ``validate=False`` (used by ``update``, whose inputs came from ``init_state``) skips
+    the abstract evaluation of ``fun``.
+    """
+    _, unravel = ravel_pytree(x0)
+    d = tree_size(x0)
+    if not validate:
+        return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d)
+    leaves = jax.tree.leaves(x0)
+    if not leaves:
+        raise ValueError(f"{name}: x0 has no array leaves.")
+    for leaf in leaves:
+        check_float_array(leaf, "x0")
+    check_int(k, "k", low=0, high=d)
+    try:
+        out = jax.eval_shape(fun, x0, *args)
+    except Exception as err:  # re-raised with a message that says what to fix
+        raise ValueError(
+            f"{name}: fun(x0, *args) failed for x0 with leaf shapes "
+            f"{[jnp.shape(leaf) for leaf in leaves]}; check that x0 and the data arguments "
+            f"have matching shapes. Original error: {type(err).__name__}: {err}"
+        ) from err
+    if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: fun(x0, *args) must return a real scalar; got "
+            f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}."
+        )
+    return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d)
+
+
+def relative_change(x_new: jax.Array, x: jax.Array) -> jax.Array:
+    """``||x_new - x|| / max(||x_new||, tiny)``: the stopping criterion of every solver."""
+    tiny = jnp.finfo(x.dtype).tiny
+    return jnp.linalg.norm(x_new - x) / jnp.maximum(jnp.linalg.norm(x_new), tiny)
+
+
+def all_finite(*arrays: jax.Array) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
+def accept_step(x, x_new, value, grad, value_new, grad_new, prev_status, tol):
+    """Keep the new iterate if it is finite; otherwise keep ``x`` and flag NONFINITE.
+
+    Returns ``(x, value, grad, error, status)`` for the new state.
+    """
+    ok = all_finite(x_new, value_new, grad_new) & (prev_status != Status.NONFINITE)
+    error = relative_change(x_new, x)
+    status = jnp.where(
+        ok,
+        jnp.where(error <= tol, Status.SUCCESSFUL, Status.MAX_STEPS_REACHED),
+        Status.NONFINITE,
+    ).astype(jnp.int32)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    return (
+        keep(x_new, x),
+        keep(value_new, value),
+        keep(grad_new, grad),
+        jnp.where(ok, error, jnp.inf).astype(x.dtype),
+        status,
+    )
+
+
+def initial_status(value: jax.Array, grad: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.where(
+        all_finite(value, grad, x), Status.MAX_STEPS_REACHED, Status.NONFINITE
+    ).astype(jnp.int32)
+
+
+def run_loop(solver, x0: Any, args: tuple):
+    """``lax.while_loop`` over ``solver.update`` until converged, failed or ``maxiter``."""
+    state = solver.init_state(x0, *args)
+
+    def cond(carry):
+        _, state = carry
+        return (state.iter_num < solver.maxiter) & (state.status == Status.MAX_STEPS_REACHED)
+
+    def body(carry):
+        x, state = carry
+        return solver.update(x, state, *args)
+
+    return jax.lax.while_loop(cond, body, (x0, state))
+
+
+def trajectory(solver, x0: Any, *args: Any, num_steps: int):
+    """Run exactly ``num_steps`` updates and return every iterate (for convergence curves).
+
+    Returns ``(xs, states)``: pytrees whose leaves have a leading axis of length
+    ``num_steps`` holding ``x_1 .. x_T`` and their states (``lax.scan``; works under ``jit``
+    and ``vmap``). Unlike ``run`` it does not stop at ``tol``; a failed solve stays at its
+    last finite iterate.
+
+    Example:
+      >>> xs, states = trajectory(IHT(fun, k=5), x0, A, y, num_steps=100)
+      >>> states.value.shape
+      (100,)
+    """
+    num_steps = check_int(num_steps, "num_steps", low=1)
+    state = solver.init_state(x0, *args)
+
+    def body(carry, _):
+        x, state = solver.update(*carry, *args)
+        return (x, state), (x, state)
+
+    _, (xs, states) = jax.lax.scan(body, (x0, state), None, length=num_steps)
+    return xs, states
+
+
+def validate_solver_fields(solver, name: str) -> None:
+    """Checks shared by the solver dataclasses (skipped for non-concrete pytree leaves)."""
+    if not callable(solver.fun):
+        raise TypeError(f"{name}: fun must be callable fun(x, *args) -> scalar.")
+    check_int(solver.k, "k", low=0)
+    check_int(solver.maxiter, "maxiter", low=0)
+    if not isinstance(solver.tol, int | float) or solver.tol < 0:
+        raise ValueError(f"{name}: tol must be a float >= 0; got {solver.tol!r}.")
+
+
+def is_checkable(value: Any) -> bool:
+    """Pytree leaves may be placeholders during tree manipulations; check real values only."""
+    return isinstance(value, int | float | jax.Array) and is_concrete(value)

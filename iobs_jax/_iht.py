@@ -1,0 +1,237 @@
+"""k-IHT, normalized IHT and hard thresholding pursuit (first-order baselines)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._base import (
+    Status,
+    accept_step,
+    initial_status,
+    is_checkable,
+    run_loop,
+    setup_problem,
+    validate_solver_fields,
+)
+from ._curvature import HESSIAN_KINDS, hvp, make_curvature, power_iteration
+from ._masks import _topk_mask_flat
+from ._validation import check_choice, check_int, check_positive_scalar
+
+__all__ = ["IHT", "IHTState"]
+
+# Normalized IHT constants of Blumensath & Davies (2010): shrink factor kappa and c.
+_NIHT_KAPPA = 2.0
+_NIHT_C = 0.01
+_NIHT_MAX_BACKTRACKS = 30
+# Power iteration approaches lambda_max from below; the default 1/L step uses this margin.
+_POWER_MARGIN = 1.05
+
+
+class IHTState(NamedTuple):
+    """State of :class:`IHT`; init and update states match in structure and dtypes.
+
+    Attributes:
+      iter_num: int32, number of updates done.
+      value: ``f(x)`` at the current iterate.
+      grad: ``grad f(x)``, a pytree like ``x``.
+      error: relative change ``||x_t - x_{t-1}|| / ||x_t||`` of the last update (``inf``
+        before the first one and after a rejected non-finite step).
+      mask: boolean pytree like ``x``, the current support (exactly ``k`` True).
+      step_size: the step used by the last update (``1/L`` for "iht"/"htp", the adaptive
+        step for "niht").
+      status: int32 :class:`Status` code.
+    """
+
+    iter_num: jax.Array
+    value: jax.Array
+    grad: Any
+    error: jax.Array
+    mask: Any
+    step_size: jax.Array
+    status: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class IHT:
+    """Iterative hard thresholding for ``min f(x) s.t. ||x||_0 <= k``.
+
+    Variants (``variant=``):
+
+    - ``"iht"``: ``x+ = T_k(x - eta * grad f(x))`` with ``eta = step_size`` or, by
+      default, ``1 / (1.05 L)`` with ``L`` the largest Hessian eigenvalue at ``x0`` from
+      ``power_iterations`` steps of power iteration on Hessian-vector products.
+    - ``"niht"``: normalized IHT (Blumensath & Davies 2010): the step
+      ``mu = ||g_S||^2 / (g_S^T H g_S)`` is exact line search on the current support
+      ``S``; when the support changes, ``mu`` is shrunk until
+      ``mu <= 0.99 ||dx||^2 / (dx^T H dx)``. No step size to tune.
+    - ``"htp"``: hard thresholding pursuit (Foucart 2011): choose the support by a
+      gradient step, then refit ``f`` on that support by ``refit_steps`` restricted Newton
+      steps (exact for least squares). The Hessian for the refit is ``hessian``
+      ("exact", "cg" or a callable, as in :class:`IOBS`). The default step is
+      ``1 / mean(diag H(x0))``: Foucart's unit step for a design with unit-norm columns,
+      made scale free. (A ``1/L`` step is far too timid for the support search: with
+      d=256, n=100, k=12 it recovers 42% of instances, the unit step 100%.)
+
+    ``k`` counts nonzeros globally over all leaves of a pytree ``x``. ``run`` stops when
+    the relative change of ``x`` is ``<= tol`` or after ``maxiter`` updates; see
+    :class:`Status` for how failures are reported.
+
+    Example:
+      >>> fun = lambda x, A, y: jnp.mean((A @ x - y) ** 2)
+      >>> solver = IHT(fun, k=16, variant="niht")
+      >>> x, state = solver.run(jnp.zeros(128), A, y)
+      >>> x_batch, _ = jax.vmap(solver.run, in_axes=(None, 0, 0))(jnp.zeros(128), As, ys)
+    """
+
+    fun: Callable[..., jax.Array]
+    k: int
+    step_size: Any = None
+    variant: str = "iht"
+    maxiter: int = 1000
+    tol: float = 1e-6
+    power_iterations: int = 50
+    hessian: Any = "exact"
+    refit_steps: int = 1
+    cg_tol: float = 1e-6
+    cg_maxiter: int | None = None
+
+    def __post_init__(self):
+        validate_solver_fields(self, "IHT")
+        check_choice(self.variant, "variant", ("iht", "niht", "htp"))
+        check_int(self.power_iterations, "power_iterations", low=1)
+        check_int(self.refit_steps, "refit_steps", low=1)
+        if isinstance(self.hessian, str):
+            check_choice(self.hessian, "hessian", HESSIAN_KINDS)
+        if self.variant == "niht" and self.step_size is not None:
+            raise ValueError("IHT(variant='niht') chooses its own step; leave step_size=None.")
+        if self.step_size is not None and is_checkable(self.step_size):
+            check_positive_scalar(self.step_size, "step_size")
+
+    # -- public API ---------------------------------------------------------------------
+
+    def init_state(self, x0: Any, *args: Any) -> IHTState:
+        """Validate the problem and evaluate ``f``, its gradient and the step at ``x0``."""
+        prob = setup_problem(self.fun, x0, args, self.k, "IHT")
+        x, _ = ravel_pytree(x0)
+        value, grad = jax.value_and_grad(prob.flat_fun)(x, *args)
+        if self.step_size is not None:
+            step = jnp.asarray(self.step_size, x.dtype)
+        elif self.variant == "niht":
+            step = jnp.zeros((), x.dtype)
+        elif self.variant == "htp":
+            curv = make_curvature(
+                self.hessian, prob.flat_fun, x, args, 0.0, unravel=prob.unravel,
+                cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter,
+            )
+            step = 1.0 / jnp.maximum(curv.mean_diag(), jnp.finfo(x.dtype).tiny)
+        else:
+            lam = power_iteration(
+                lambda v: hvp(prob.flat_fun, x, v, *args), prob.size, x.dtype,
+                self.power_iterations,
+            )
+            step = 1.0 / (_POWER_MARGIN * jnp.maximum(lam, jnp.finfo(x.dtype).tiny))
+        return IHTState(
+            iter_num=jnp.zeros((), jnp.int32),
+            value=value.astype(x.dtype),
+            grad=prob.unravel(grad),
+            error=jnp.asarray(jnp.inf, x.dtype),
+            mask=prob.unravel(_topk_mask_flat(jnp.abs(x), self.k)),
+            step_size=step.astype(x.dtype),
+            status=initial_status(value, grad, x),
+        )
+
+    def update(self, x: Any, state: IHTState, *args: Any) -> tuple[Any, IHTState]:
+        """One IHT/NIHT/HTP iteration from ``(x, state)``; returns ``(x_new, new_state)``."""
+        prob = setup_problem(self.fun, x, args, self.k, "IHT", validate=False)
+        xf, unravel = ravel_pytree(x)
+        g = ravel_pytree(state.grad)[0]
+        if self.variant == "niht":
+            x_new, mask, step = self._niht_step(prob, xf, g, args)
+        else:
+            step = state.step_size
+            mask = _topk_mask_flat(jnp.abs(xf - step * g), self.k)
+            x_new = jnp.where(mask, xf - step * g, 0.0)
+            if self.variant == "htp":
+                x_new = self._refit(prob, x_new, mask, args)
+        x_new = x_new.astype(xf.dtype)
+        value_new, g_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
+        x_out, value, g_out, error, status = accept_step(
+            xf, x_new, state.value, g, value_new.astype(xf.dtype), g_new, state.status, self.tol
+        )
+        mask = jnp.where(status == Status.NONFINITE, ravel_pytree(state.mask)[0], mask)
+        new_state = IHTState(
+            iter_num=state.iter_num + 1,
+            value=value,
+            grad=unravel(g_out),
+            error=error,
+            mask=unravel(mask),
+            step_size=jnp.asarray(step, xf.dtype),
+            status=status,
+        )
+        return unravel(x_out), new_state
+
+    def run(self, x0: Any, *args: Any) -> tuple[Any, IHTState]:
+        """Iterate from ``x0`` until ``tol``, failure or ``maxiter``; jit- and vmap-able."""
+        return run_loop(self, x0, args)
+
+    # -- steps ------------------------------------------------------------------------
+
+    def _niht_step(self, prob, x, g, args):
+        hv = lambda v: hvp(prob.flat_fun, x, v, *args)
+        # The step's support: the current nonzeros, filled up to k with the largest
+        # gradient entries (Blumensath & Davies start from supp(T_k(grad)) at x = 0).
+        ag = jnp.abs(g)
+        score = jnp.where(x != 0, jnp.abs(x) + jnp.max(ag) + 1.0, ag)
+        support = _topk_mask_flat(score, self.k)
+        gs = jnp.where(support, g, 0.0)
+        mu = _safe_ratio(jnp.vdot(gs, gs), jnp.vdot(gs, hv(gs)))
+
+        def propose(mu):
+            mask = _topk_mask_flat(jnp.abs(x - mu * g), self.k)
+            x_new = jnp.where(mask, x - mu * g, 0.0)
+            dx = x_new - x
+            omega = (1.0 - _NIHT_C) * _safe_ratio(jnp.vdot(dx, dx), jnp.vdot(dx, hv(dx)))
+            changed = jnp.any(mask & ~support)
+            return x_new, mask, changed & (mu > omega)
+
+        def cond(carry):
+            i, _, _, _, too_long = carry
+            return too_long & (i < _NIHT_MAX_BACKTRACKS)
+
+        def body(carry):
+            i, mu, _, _, _ = carry
+            mu = mu / (_NIHT_KAPPA * (1.0 - _NIHT_C))
+            return (i + 1, mu, *propose(mu))
+
+        _, mu, x_new, mask, _ = jax.lax.while_loop(cond, body, (0, mu, *propose(mu)))
+        return x_new, mask, mu
+
+    def _refit(self, prob, x, mask, args):
+        """Restricted Newton steps ``x <- x - (H_SS)^{-1} g_S`` on the support ``mask``."""
+        for _ in range(self.refit_steps):
+            g = jax.grad(prob.flat_fun)(x, *args)
+            curv = make_curvature(
+                self.hessian, prob.flat_fun, x, args, 0.0, unravel=prob.unravel,
+                cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter,
+            )
+            x = x - curv.masked_solve(mask, g)
+        return x
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den`` with ``0`` when ``den`` is not positive (zero gradient, flat direction)."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+jax.tree_util.register_dataclass(
+    IHT,
+    data_fields=["step_size"],
+    meta_fields=[f.name for f in dataclasses.fields(IHT) if f.name != "step_size"],
+)

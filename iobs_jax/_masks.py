@@ -1,0 +1,130 @@
+"""Sparsity masks: the one top-k of the library, hard thresholding and N:M patterns.
+
+Every selection rule in iobs_jax (magnitude, OBS saliency, Optax projections, layer
+pruning) ends in :func:`topk_mask` or :func:`nm_mask`, so tie-breaking and validation
+live in exactly one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._validation import check_float_array, check_int
+
+__all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size"]
+
+
+def tree_size(tree: Any) -> int:
+    """Total number of entries over all leaves of a pytree (a static Python int)."""
+    return int(sum(np.prod(jnp.shape(leaf), dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
+    """Boolean vector with exactly ``k`` True at the largest entries of a 1-D ``scores``."""
+    size = scores.shape[0]
+    if k == 0:
+        return jnp.zeros((size,), bool)
+    if k == size:
+        return jnp.ones((size,), bool)
+    # lax.top_k returns the lower index first among equal values, which is the
+    # deterministic tie-break we document: equal scores keep the earliest entries.
+    _, idx = lax.top_k(scores, k)
+    return jnp.zeros((size,), bool).at[idx].set(True)
+
+
+def topk_mask(scores: Any, k: int) -> Any:
+    """Mask of the ``k`` largest scores.
+
+    ``mask[i] = True`` iff ``scores[i]`` is among the ``k`` largest. Ties are broken
+    deterministically in favour of the lower flat index (for a pytree: earlier leaves in
+    ``jax.tree.leaves`` order first, then lower index inside a leaf).
+
+    Args:
+      scores: an array of any shape, or a pytree of arrays. For a pytree ``k`` counts
+        globally across all leaves (the "global" sparsity of pruning).
+      k: static Python int with ``0 <= k <= size``.
+
+    Returns:
+      A boolean array (or pytree of boolean arrays) shaped like ``scores`` with exactly
+      ``k`` True entries.
+
+    Example:
+      >>> topk_mask(jnp.array([0.1, 3.0, -2.0, 3.0]), 2)
+      Array([False,  True, False,  True], dtype=bool)
+    """
+    leaves, treedef = jax.tree.flatten(scores)
+    if not leaves:
+        raise ValueError("topk_mask got an empty pytree of scores.")
+    leaves = [check_float_array(leaf, "scores") for leaf in leaves]
+    size = tree_size(leaves)
+    k = check_int(k, "k", low=0, high=size)
+    dtype = jnp.result_type(*leaves)
+    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+    mask = _topk_mask_flat(flat, k)
+    sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
+    pieces = jnp.split(mask, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(
+        treedef, [p.reshape(leaf.shape) for p, leaf in zip(pieces, leaves, strict=True)]
+    )
+
+
+def hard_threshold(x: Any, k: int) -> Any:
+    """The k-sparse projection ``T_k``: keep the ``k`` entries of largest magnitude.
+
+    ``T_k(x)_i = x_i`` if ``|x_i|`` is among the ``k`` largest magnitudes, else ``0``.
+    For a pytree the ``k`` entries are chosen globally across leaves. Dtypes are kept.
+
+    Example:
+      >>> hard_threshold(jnp.array([0.5, -2.0, 1.0]), 2)
+      Array([ 0., -2.,  1.], dtype=float32)
+    """
+    x = jax.tree.map(lambda leaf: check_float_array(leaf, "x"), x)
+    mask = topk_mask(jax.tree.map(jnp.abs, x), k)
+    return jax.tree.map(lambda leaf, m: jnp.where(m, leaf, jnp.zeros_like(leaf)), x, mask)
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+    """N:M semi-structured mask: exactly ``n`` kept in every ``m`` consecutive entries.
+
+    Groups are ``m`` consecutive entries along ``axis`` (for a Dense kernel of shape
+    ``(inputs, outputs)`` use ``axis=0``: groups of inputs, as sparse tensor cores expect).
+    Inside a group the ``n`` largest scores are kept, ties to the lower index.
+
+    Args:
+      scores: array of any rank.
+      n, m: static ints with ``0 <= n <= m`` and ``m >= 1``; the length of ``axis`` must be
+        divisible by ``m``.
+      axis: the axis along which groups are formed.
+
+    Example:
+      >>> nm_mask(jnp.array([4., 1., 3., 2., 0., 5., 6., 7.]), 2, 4)
+      Array([ True, False,  True, False, False, False,  True,  True], dtype=bool)
+    """
+    scores = check_float_array(scores, "scores")
+    if scores.ndim == 0:
+        raise ValueError("nm_mask needs an array with at least one axis; got a scalar.")
+    m = check_int(m, "m", low=1)
+    n = check_int(n, "n", low=0, high=m)
+    if not -scores.ndim <= axis < scores.ndim:
+        raise ValueError(f"axis={axis} is out of range for scores of rank {scores.ndim}.")
+    length = scores.shape[axis]
+    if length % m:
+        raise ValueError(
+            f"nm_mask: the length of axis {axis} ({length}) must be divisible by m={m}; "
+            f"pad the scores or choose another m."
+        )
+    moved = jnp.moveaxis(scores, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], length // m, m)
+    if n == 0:
+        mask = jnp.zeros(groups.shape, bool)
+    elif n == m:
+        mask = jnp.ones(groups.shape, bool)
+    else:
+        _, idx = lax.top_k(groups, n)  # lower index first among ties
+        mask = jnp.any(jax.nn.one_hot(idx, m, dtype=jnp.int8) > 0, axis=-2)
+    return jnp.moveaxis(mask.reshape(moved.shape), -1, axis)

@@ -1,0 +1,220 @@
+"""The Optimal Brain Surgeon (OBS) projection, saliency and greedy OBS (OBC).
+
+For a fixed support ``Q`` (``mask``), with ``P`` its complement and ``G = H^{-1}``,
+
+    argmin_{theta_P = 0} (theta - theta~)^T H (theta - theta~)
+        theta_Q = theta~_Q + (H_QQ)^{-1} H_QP theta~_P        (the H form)
+        theta   = theta~ - G[:, P] (G_PP)^{-1} theta~_P        (the inverse form)
+
+and the projection costs ``theta~_P^T (G_PP)^{-1} theta~_P``. These are the only
+implementations of the OBS formula in the library; solvers, Optax transforms and
+layer pruning all call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._curvature import Curvature, DenseCurvature, OperatorCurvature
+from ._masks import _topk_mask_flat
+from ._validation import (
+    check_float_array,
+    check_int,
+    check_nonnegative_scalar,
+    check_same_structure,
+    check_square_matrix,
+)
+
+__all__ = ["obs_saliency", "obs_project", "obs_project_from_inverse", "greedy_obs"]
+
+
+def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
+    """OBS saliency of removing each weight alone: ``theta**2 / hinv_diag``.
+
+    ``hinv_diag`` is the diagonal of ``G = H^{-1}`` (array or pytree like ``theta``). The
+    saliency is twice the increase of the quadratic model when ``theta_i`` is set to zero
+    and the other weights are optimally corrected. Smaller means cheaper to prune.
+
+    Example:
+      >>> obs_saliency(jnp.array([1.0, 2.0]), jnp.array([0.5, 4.0]))
+      Array([2., 1.], dtype=float32)
+    """
+    check_same_structure(theta, hinv_diag, "theta", "hinv_diag")
+    return jax.tree.map(lambda t, g: t**2 / g, theta, hinv_diag)
+
+
+def project(curv: Curvature, theta_tilde: jax.Array, mask: jax.Array) -> jax.Array:
+    """OBS projection of a flat ``theta_tilde`` onto ``mask`` for a built curvature.
+
+    Solved in correction form, ``theta = M theta~ + delta`` with
+    ``A_QQ delta_Q = (A (theta~ * (1 - M)))_Q``, which keeps the answer accurate when the
+    removed part is small (the usual case) and is exactly the H form above.
+    """
+    m = mask.astype(theta_tilde.dtype)
+    removed = theta_tilde * (1.0 - m)
+    delta = curv.masked_solve(mask, curv.matvec(removed))
+    return theta_tilde * m + delta
+
+
+def obs_project(
+    theta_tilde: Any,
+    hessian: Any,
+    mask: Any,
+    *,
+    damping: Any = 0.0,
+    cg_tol: float = 1e-6,
+    cg_maxiter: int | None = None,
+) -> Any:
+    """H-norm projection onto a support.
+
+    ``theta = argmin_{theta[~mask] = 0} (theta - theta~)^T H (theta - theta~)``.
+
+    Args:
+      theta_tilde: array or pytree of arrays (``d`` entries in all).
+      hessian: either a dense symmetric PSD ``(d, d)`` matrix over the flattened
+        parameters (``jax.flatten_util.ravel_pytree`` order), solved exactly by a Cholesky
+        factorization of the masked system; or a callable ``v -> H v`` on arrays/pytrees
+        shaped like ``theta_tilde``, solved matrix-free by CG on the masked operator.
+      mask: boolean array/pytree like ``theta_tilde``; True marks the kept support ``Q``.
+      damping: ``lambda >= 0``, project in the ``H + lambda I`` norm instead (needed when
+        ``H_QQ`` is singular).
+      cg_tol, cg_maxiter: CG options for a callable ``hessian``.
+
+    Returns:
+      ``theta`` shaped like ``theta_tilde``, zero off the mask, with
+      ``theta_Q = theta~_Q + (H_QQ)^{-1} H_QP theta~_P``.
+
+    Example:
+      >>> H = jnp.array([[2.0, 1.0], [1.0, 2.0]])
+      >>> obs_project(jnp.array([1.0, 1.0]), H, jnp.array([True, False]))
+      Array([1.5, 0. ], dtype=float32)
+    """
+    check_same_structure(theta_tilde, mask, "theta_tilde", "mask")
+    theta_tilde = jax.tree.map(lambda t: check_float_array(t, "theta_tilde"), theta_tilde)
+    damping = check_nonnegative_scalar(damping, "damping")
+    flat, unravel = ravel_pytree(theta_tilde)
+    flat_mask = ravel_pytree(jax.tree.map(lambda m: jnp.asarray(m, bool), mask))[0].astype(bool)
+    d = flat.shape[0]
+    if callable(hessian):
+        matvec = _flat_operator(hessian, unravel, flat.dtype)
+        curv = OperatorCurvature(
+            matvec, d, flat.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter
+        )
+    else:
+        h = check_square_matrix(hessian, d).astype(flat.dtype)
+        curv = DenseCurvature(h, damping)
+    return unravel(project(curv, flat, flat_mask))
+
+
+def _flat_operator(op: Callable[[Any], Any], unravel, dtype) -> Callable[[jax.Array], jax.Array]:
+    return lambda v: ravel_pytree(op(unravel(v)))[0].astype(dtype)
+
+
+def _project_from_inverse(g: jax.Array, theta_tilde: jax.Array, mask: jax.Array):
+    """Inverse-form projection and its cost ``theta~_P^T (G_PP)^{-1} theta~_P``."""
+    # (G_PP)^{-1} theta~_P via the masked solve on the complement, then spread by G[:, P].
+    w = DenseCurvature(g).masked_solve(~mask, theta_tilde)
+    return jnp.where(mask, theta_tilde - g @ w, 0.0), jnp.vdot(theta_tilde, w)
+
+
+def obs_project_from_inverse(
+    theta_tilde: jax.Array, hessian_inverse: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """The same projection from ``G = H^{-1}``: ``theta = theta~ - G[:, P] (G_PP)^{-1} theta~_P``.
+
+    Useful when the inverse is what one has (Woodbury/Fisher inverses, OBC). 1-D arrays
+    only; entries off the mask are set to exactly zero.
+    """
+    theta_tilde = check_float_array(theta_tilde, "theta_tilde")
+    if theta_tilde.ndim != 1:
+        raise ValueError(f"theta_tilde must be a vector; got shape {theta_tilde.shape}.")
+    d = theta_tilde.shape[0]
+    g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta_tilde.dtype)
+    mask = jnp.asarray(mask, bool)
+    if mask.shape != (d,):
+        raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {mask.shape}.")
+    return _project_from_inverse(g, theta_tilde, mask)[0]
+
+
+def greedy_obs(
+    theta_tilde: jax.Array, hessian_inverse: jax.Array, k: int, *, safeguard: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy OBS (OBC): remove the least salient weight ``d - k`` times.
+
+    Each round picks ``p = argmin_{i kept} theta_i^2 / G_ii`` (ties: lowest index) and
+    applies the exact rank-one OBS updates
+
+        theta <- theta - (theta_p / G_pp) G[:, p]
+        G     <- G - G[:, p] G[p, :] / G_pp
+
+    which zero ``theta_p`` and restrict ``G`` to the remaining weights. Because OBS is
+    exact on a quadratic, the final ``theta`` equals :func:`obs_project` onto the final
+    mask, and its cost is the sum of the removed saliencies. Cost ``O((d - k) d^2)``.
+
+    Greedy removal is not optimal: on about 1-3% of random instances a one-shot rule
+    does better. With ``safeguard=True`` (default) the result is compared, by its exact
+    OBS cost, with the one-shot supports "top-k of |theta~|" and "top-k of saliency"
+    (each with its OBS correction) and the cheapest is returned, so ``greedy_obs`` is
+    never worse than either. ``safeguard=False`` returns the plain greedy path.
+
+    Args:
+      theta_tilde: ``(d,)`` weights.
+      hessian_inverse: ``(d, d)`` symmetric positive definite ``G = H^{-1}``.
+      k: static int, ``0 <= k <= d``, number of weights kept.
+      safeguard: compare with the one-shot supports (adds two ``O(d^3)`` solves).
+
+    Returns:
+      ``(theta, mask)``: the pruned weights (exact zeros off the mask) and the boolean mask
+      with exactly ``k`` True.
+
+    Example:
+      >>> theta, mask = greedy_obs(jnp.array([3.0, 0.1, -2.0]), jnp.eye(3), 2)
+      >>> mask
+      Array([ True, False,  True], dtype=bool)
+    """
+    theta = check_float_array(theta_tilde, "theta_tilde")
+    if theta.ndim != 1:
+        raise ValueError(
+            f"greedy_obs works on a vector; got theta_tilde of shape {theta.shape} "
+            f"(vmap it for rows of a layer)."
+        )
+    d = theta.shape[0]
+    g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta.dtype)
+    g = 0.5 * (g + g.T)
+    k = check_int(k, "k", low=0, high=d)
+    # Round-off can push a Schur complement's diagonal to <= 0; clamp it to a tiny
+    # positive value so saliencies stay finite and ordered instead of turning NaN.
+    floor = jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(g)))
+
+    def body(_, carry):
+        theta, gk, removed, cost = carry
+        gdiag = jnp.maximum(jnp.diagonal(gk), floor)
+        sal = jnp.where(removed, jnp.inf, theta**2 / gdiag)
+        p = jnp.argmin(sal)
+        col = gk[:, p]
+        theta = theta - (theta[p] / gdiag[p]) * col
+        gk = gk - jnp.outer(col, col) / gdiag[p]
+        removed = removed.at[p].set(True)
+        theta = jnp.where(removed, 0.0, theta)
+        return theta, gk, removed, cost + sal[p]
+
+    init = (theta, g, jnp.zeros((d,), bool), jnp.zeros((), theta.dtype))
+    out, _, removed, cost = jax.lax.fori_loop(0, d - k, body, init)
+    mask = ~removed
+    if not safeguard or k in (0, d):
+        return out, mask
+    for candidate in (
+        _topk_mask_flat(jnp.abs(theta), k),
+        _topk_mask_flat(theta**2 / jnp.maximum(jnp.diagonal(g), floor), k),
+    ):
+        alt, alt_cost = _project_from_inverse(g, theta, candidate)
+        better = alt_cost < cost
+        out = jnp.where(better, alt, out)
+        mask = jnp.where(better, candidate, mask)
+        cost = jnp.where(better, alt_cost, cost)
+    return out, mask

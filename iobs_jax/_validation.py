@@ -1,0 +1,107 @@
+"""Input validation at the public API boundary.
+
+Everything here runs in Python on static information (shapes, dtypes, Python ints) so
+that bad input fails *before* tracing with a message that says what to fix. Values that
+are only known at run time (non-finite data) are handled inside the solvers by a status
+code instead; see :class:`iobs_jax.Status`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+    """True when ``x`` holds a value now (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as a Python int in ``[low, high]`` or raise a clear error.
+
+    ``k``-like arguments must be static: a traced or float value cannot decide an output
+    shape, so it is a ``TypeError`` rather than a silent recompile or a wrong cast.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral | np.integer):
+        if isinstance(value, jax.Array | np.ndarray) and np.ndim(value) == 0 and is_concrete(
+            value
+        ) and jnp.issubdtype(value.dtype, jnp.integer):
+            value = int(value)
+        else:
+            raise TypeError(
+                f"{name} must be a Python int (it fixes the number of kept entries, a static "
+                f"quantity); got {value!r} of type {type(value).__name__}."
+            )
+    value = int(value)
+    if low is not None and value < low or high is not None and value > high:
+        raise ValueError(f"{name} must be in [{low}, {high}]; got {name}={value}.")
+    return value
+
+
+def check_float_array(x: Any, name: str) -> jax.Array:
+    """Convert to an inexact JAX array; integers are promoted, other dtypes are an error."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real; got dtype {x.dtype}.")
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            x = x.astype(jnp.result_type(float))
+        else:
+            raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}.")
+    return x
+
+
+def check_square_matrix(h: Any, size: int, name: str = "hessian") -> jax.Array:
+    """A dense curvature matrix must be ``(size, size)``."""
+    h = check_float_array(h, name)
+    if h.shape != (size, size):
+        raise ValueError(
+            f"{name} must be a square matrix of shape ({size}, {size}) matching the "
+            f"{size} parameters; got shape {h.shape}."
+        )
+    return h
+
+
+def check_same_structure(a: Any, b: Any, name_a: str, name_b: str) -> None:
+    """Two pytrees must have the same structure and leaf shapes."""
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    if sa != sb:
+        raise ValueError(f"{name_a} and {name_b} must have the same pytree structure; "
+                         f"got {sa} and {sb}.")
+    for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.shape(la) != jnp.shape(lb):
+            raise ValueError(
+                f"{name_a} and {name_b} must have matching leaf shapes; got {jnp.shape(la)} "
+                f"and {jnp.shape(lb)}."
+            )
+
+
+def check_nonnegative_scalar(value: Any, name: str) -> jax.Array:
+    """Scalars such as damping and step sizes may be arrays (so they can vary without a
+    retrace); they are checked only when their value is known."""
+    arr = jnp.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar; got shape {arr.shape}.")
+    if is_concrete(arr):
+        v = float(arr)
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0; got {v}.")
+    return arr
+
+
+def check_positive_scalar(value: Any, name: str) -> jax.Array:
+    arr = check_nonnegative_scalar(value, name)
+    if is_concrete(arr) and float(arr) == 0:
+        raise ValueError(f"{name} must be > 0; got 0.")
+    return arr
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
