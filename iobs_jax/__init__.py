@@ -9,6 +9,7 @@ from ._base import Status, raise_if_failed, trajectory
 from ._curvature import (
     DenseCurvature,
     OperatorCurvature,
+    conjugate_gradient,
     dense_hessian,
     hvp,
     make_curvature,
@@ -30,6 +31,7 @@ __all__ = [
     "Status",
     "DenseCurvature",
     "OperatorCurvature",
+    "conjugate_gradient",
     "dense_hessian",
     "greedy_obs",
     "hard_threshold",

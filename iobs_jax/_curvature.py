@@ -39,6 +39,7 @@ __all__ = [
     "newton_direction",
     "power_iteration",
     "make_curvature",
+    "conjugate_gradient",
 ]
 
 
@@ -141,7 +142,7 @@ class OperatorCurvature:
     """A matrix-free curvature ``v -> H v`` plus ``damping * I``, solved by CG.
 
     ``cg_tol`` is CG's relative residual tolerance and ``cg_maxiter`` its iteration cap
-    (``None``: ``10 d``, as ``jax.scipy.sparse.linalg.cg``). CG needs ``H + damping I`` to
+    (``None``: ``10 d``); see :func:`conjugate_gradient`. CG needs ``H + damping I`` to
     be positive definite on the space it works in; with a singular ``H`` and zero damping
     it still converges on consistent systems (gradients of least squares are).
     """
@@ -167,8 +168,8 @@ class OperatorCurvature:
         return self._op(v) + self.damping * v
 
     def _cg(self, op, b, x0=None):
-        x, _ = jax.scipy.sparse.linalg.cg(op, b, x0=x0, tol=self.cg_tol, maxiter=self.cg_maxiter)
-        return x
+        maxiter = 10 * self.size if self.cg_maxiter is None else self.cg_maxiter
+        return conjugate_gradient(op, b, x0, tol=self.cg_tol, maxiter=maxiter)
 
     def solve(self, b: jax.Array, x0: jax.Array | None = None) -> jax.Array:
         return self._cg(self.matvec, b, x0)
@@ -194,6 +195,48 @@ class OperatorCurvature:
 
 
 Curvature = DenseCurvature | OperatorCurvature
+
+
+def conjugate_gradient(
+    op: Callable[[jax.Array], jax.Array],
+    b: jax.Array,
+    x0: jax.Array | None = None,
+    *,
+    tol: float = 1e-6,
+    maxiter: int = 100,
+) -> jax.Array:
+    """Conjugate gradients for ``op(x) = b`` with ``op`` symmetric PSD, guarded for round-off.
+
+    Stops when ``||r|| <= tol_eff ||b||`` with ``tol_eff = max(tol, 10 eps)`` (a tolerance
+    below the dtype's precision would otherwise iterate into 0/0), after ``maxiter``
+    iterations, or when the search direction has no curvature left (``p^T A p <= 0``),
+    in which case the current iterate is returned instead of NaN.
+    """
+    dtype = b.dtype
+    tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * jnp.finfo(dtype).eps)
+    stop2 = (tol_eff**2) * jnp.vdot(b, b)
+    x = jnp.zeros_like(b) if x0 is None else x0
+    r = b - op(x) if x0 is not None else b
+    rs = jnp.vdot(r, r)
+
+    def cond(carry):
+        i, _, _, _, rs, done = carry
+        return (i < maxiter) & (rs > stop2) & ~done
+
+    def body(carry):
+        i, x, r, p, rs, _ = carry
+        ap = op(p)
+        pap = jnp.vdot(p, ap)
+        ok = pap > 0
+        alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = jnp.vdot(r, r)
+        beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+        return i + 1, x, r, r + beta * p, rs_new, ~ok
+
+    _, x, *_ = jax.lax.while_loop(cond, body, (0, x, r, r, rs, jnp.array(False)))
+    return x
 
 
 def _sign_probes(size: int, num: int, dtype: Any) -> jax.Array:

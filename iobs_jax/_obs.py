@@ -13,6 +13,7 @@ layer pruning all call them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -185,8 +186,15 @@ def greedy_obs(
         )
     d = theta.shape[0]
     g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta.dtype)
-    g = 0.5 * (g + g.T)
     k = check_int(k, "k", low=0, high=d)
+    return _greedy_obs(theta, g, k, bool(safeguard))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "safeguard"))
+def _greedy_obs(theta, g, k, safeguard):
+    # Compiled once per (shape, k): eager callers would otherwise retrace the loop.
+    d = theta.shape[0]
+    g = 0.5 * (g + g.T)
     # Round-off can push a Schur complement's diagonal to <= 0; clamp it to a tiny
     # positive value so saliencies stay finite and ordered instead of turning NaN.
     floor = jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(g)))
