@@ -39,7 +39,8 @@ def main():
         "Topk-I-OBS (exact Hessian)": (ij.IOBS(mse_loss, k, tol=1e-12), 10),
     }
     print(f"n={n} d={d} k*={k_star} k={k}, {opts.trials} instances, tolerance {tol:g}\n")
-    print(f"{'solver':28s} {'run: iterations':>16s} {'iterations to tol':>18s} {'final error':>12s}")
+    header = ("solver", "run: iterations", "iterations to tol", "final error")
+    print(f"{header[0]:28s} {header[1]:>16s} {header[2]:>18s} {header[3]:>12s}")
     for name, (solver, steps) in solvers.items():
         batched_run = jax.jit(jax.vmap(solver.run, in_axes=(None, 0, 0)))
         x, state = batched_run(x0, probs.design, probs.observations)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._masks import tree_size
+from ._masks import _topk_mask_flat, tree_size
 from ._validation import check_float_array, check_int, is_concrete
 
 __all__ = ["Status", "trajectory", "raise_if_failed"]
@@ -108,12 +108,33 @@ def all_finite(*arrays: jax.Array) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
-def accept_step(x, x_new, value, grad, value_new, grad_new, prev_status, tol):
-    """Keep the new iterate if it is finite; otherwise keep ``x`` and flag NONFINITE.
+def initial_fields(prob: Problem, x: jax.Array, args: tuple, k: int) -> dict:
+    """The state fields every solver shares, evaluated at the flat starting point ``x``."""
+    value, grad = jax.value_and_grad(prob.flat_fun)(x, *args)
+    status = jnp.where(all_finite(value, grad, x), Status.MAX_STEPS_REACHED, Status.NONFINITE)
+    return dict(
+        iter_num=jnp.zeros((), jnp.int32),
+        value=value.astype(x.dtype),
+        grad=prob.unravel(grad),
+        error=jnp.asarray(jnp.inf, x.dtype),
+        mask=prob.unravel(_topk_mask_flat(jnp.abs(x), k)),
+        status=status.astype(jnp.int32),
+    )
 
-    Returns ``(x, value, grad, error, status)`` for the new state.
+
+def finish_update(
+    prob: Problem, x: jax.Array, x_new: jax.Array, mask: jax.Array, state, args: tuple, tol
+) -> tuple[Any, dict]:
+    """Evaluate ``f`` at the proposed iterate and accept it only if everything is finite.
+
+    A rejected step keeps ``x``, its value, gradient and mask, sets ``error = inf`` and
+    ``status = NONFINITE``; an accepted one sets ``SUCCESSFUL`` once the relative change
+    is ``<= tol``. Returns the new iterate (as a pytree) and the shared state fields.
     """
-    ok = all_finite(x_new, value_new, grad_new) & (prev_status != Status.NONFINITE)
+    x_new = x_new.astype(x.dtype)
+    grad = ravel_pytree(state.grad)[0]
+    value_new, grad_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
+    ok = all_finite(x_new, value_new, grad_new) & (state.status != Status.NONFINITE)
     error = relative_change(x_new, x)
     status = jnp.where(
         ok,
@@ -121,19 +142,15 @@ def accept_step(x, x_new, value, grad, value_new, grad_new, prev_status, tol):
         Status.NONFINITE,
     ).astype(jnp.int32)
     keep = lambda new, old: jnp.where(ok, new, old)
-    return (
-        keep(x_new, x),
-        keep(value_new, value),
-        keep(grad_new, grad),
-        jnp.where(ok, error, jnp.inf).astype(x.dtype),
-        status,
+    fields = dict(
+        iter_num=state.iter_num + 1,
+        value=keep(value_new.astype(x.dtype), state.value),
+        grad=prob.unravel(keep(grad_new, grad)),
+        error=jnp.where(ok, error, jnp.inf).astype(x.dtype),
+        mask=prob.unravel(keep(mask, ravel_pytree(state.mask)[0])),
+        status=status,
     )
-
-
-def initial_status(value: jax.Array, grad: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.where(
-        all_finite(value, grad, x), Status.MAX_STEPS_REACHED, Status.NONFINITE
-    ).astype(jnp.int32)
+    return prob.unravel(keep(x_new, x)), fields
 
 
 def run_loop(solver, x0: Any, args: tuple):

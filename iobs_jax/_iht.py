@@ -11,9 +11,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._base import (
-    Status,
-    accept_step,
-    initial_status,
+    finish_update,
+    initial_fields,
     is_checkable,
     run_loop,
     setup_problem,
@@ -119,7 +118,6 @@ class IHT:
         """Validate the problem and evaluate ``f``, its gradient and the step at ``x0``."""
         prob = setup_problem(self.fun, x0, args, self.k, "IHT")
         x, _ = ravel_pytree(x0)
-        value, grad = jax.value_and_grad(prob.flat_fun)(x, *args)
         if self.step_size is not None:
             step = jnp.asarray(self.step_size, x.dtype)
         elif self.variant == "niht":
@@ -136,20 +134,13 @@ class IHT:
                 self.power_iterations,
             )
             step = 1.0 / (_POWER_MARGIN * jnp.maximum(lam, jnp.finfo(x.dtype).tiny))
-        return IHTState(
-            iter_num=jnp.zeros((), jnp.int32),
-            value=value.astype(x.dtype),
-            grad=prob.unravel(grad),
-            error=jnp.asarray(jnp.inf, x.dtype),
-            mask=prob.unravel(_topk_mask_flat(jnp.abs(x), self.k)),
-            step_size=step.astype(x.dtype),
-            status=initial_status(value, grad, x),
-        )
+        fields = initial_fields(prob, x, args, self.k)
+        return IHTState(**fields, step_size=step.astype(x.dtype))
 
     def update(self, x: Any, state: IHTState, *args: Any) -> tuple[Any, IHTState]:
         """One IHT/NIHT/HTP iteration from ``(x, state)``; returns ``(x_new, new_state)``."""
         prob = setup_problem(self.fun, x, args, self.k, "IHT", validate=False)
-        xf, unravel = ravel_pytree(x)
+        xf = ravel_pytree(x)[0]
         g = ravel_pytree(state.grad)[0]
         if self.variant == "niht":
             x_new, mask, step = self._niht_step(prob, xf, g, args)
@@ -159,22 +150,8 @@ class IHT:
             x_new = jnp.where(mask, xf - step * g, 0.0)
             if self.variant == "htp":
                 x_new = self._refit(prob, x_new, mask, args)
-        x_new = x_new.astype(xf.dtype)
-        value_new, g_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
-        x_out, value, g_out, error, status = accept_step(
-            xf, x_new, state.value, g, value_new.astype(xf.dtype), g_new, state.status, self.tol
-        )
-        mask = jnp.where(status == Status.NONFINITE, ravel_pytree(state.mask)[0], mask)
-        new_state = IHTState(
-            iter_num=state.iter_num + 1,
-            value=value,
-            grad=unravel(g_out),
-            error=error,
-            mask=unravel(mask),
-            step_size=jnp.asarray(step, xf.dtype),
-            status=status,
-        )
-        return unravel(x_out), new_state
+        x_out, fields = finish_update(prob, xf, x_new, mask, state, args, self.tol)
+        return x_out, IHTState(**fields, step_size=jnp.asarray(step, xf.dtype))
 
     def run(self, x0: Any, *args: Any) -> tuple[Any, IHTState]:
         """Iterate from ``x0`` until ``tol``, failure or ``maxiter``; jit- and vmap-able."""

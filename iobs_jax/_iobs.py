@@ -11,9 +11,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._base import (
-    Status,
-    accept_step,
-    initial_status,
+    finish_update,
+    initial_fields,
     is_checkable,
     run_loop,
     setup_problem,
@@ -114,37 +113,16 @@ class IOBS:
     def init_state(self, x0: Any, *args: Any) -> IOBSState:
         """Validate the problem and evaluate ``f`` and its gradient at ``x0``."""
         prob = setup_problem(self.fun, x0, args, self.k, "IOBS")
-        x, _ = ravel_pytree(x0)
-        value, grad = jax.value_and_grad(prob.flat_fun)(x, *args)
-        return IOBSState(
-            iter_num=jnp.zeros((), jnp.int32),
-            value=value.astype(x.dtype),
-            grad=prob.unravel(grad),
-            error=jnp.asarray(jnp.inf, x.dtype),
-            mask=prob.unravel(_topk_mask_flat(jnp.abs(x), self.k)),
-            status=initial_status(value, grad, x),
-        )
+        return IOBSState(**initial_fields(prob, ravel_pytree(x0)[0], args, self.k))
 
     def update(self, x: Any, state: IOBSState, *args: Any) -> tuple[Any, IOBSState]:
         """One I-OBS iteration from ``(x, state)``; returns ``(x_new, new_state)``."""
         prob = setup_problem(self.fun, x, args, self.k, "IOBS", validate=False)
-        xf, unravel = ravel_pytree(x)
+        xf = ravel_pytree(x)[0]
         g = ravel_pytree(state.grad)[0]
         x_new, mask = self.project_step(prob, xf, g, args)
-        value_new, g_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
-        x_out, value, g_out, error, status = accept_step(
-            xf, x_new, state.value, g, value_new.astype(xf.dtype), g_new, state.status, self.tol
-        )
-        mask = jnp.where(status == Status.NONFINITE, ravel_pytree(state.mask)[0], mask)
-        new_state = IOBSState(
-            iter_num=state.iter_num + 1,
-            value=value,
-            grad=unravel(g_out),
-            error=error,
-            mask=unravel(mask),
-            status=status,
-        )
-        return unravel(x_out), new_state
+        x_out, fields = finish_update(prob, xf, x_new, mask, state, args, self.tol)
+        return x_out, IOBSState(**fields)
 
     def run(self, x0: Any, *args: Any) -> tuple[Any, IOBSState]:
         """Iterate from ``x0`` until ``tol``, failure or ``maxiter``; jit- and vmap-able."""
