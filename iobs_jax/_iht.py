@@ -197,7 +197,7 @@ class IHT:
                 self.hessian, prob.flat_fun, x, args, 0.0, unravel=prob.unravel,
                 cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter,
             )
-            x = x - curv.masked_solve(mask, g)
+            x = x - curv.masked_solve(mask, g, self.k)
         return x
 
 

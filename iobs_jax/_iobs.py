@@ -145,7 +145,7 @@ class IOBS:
         else:
             mask = _topk_mask_flat(jnp.abs(x_tilde), self.k)
         if self.correction:
-            return project(curv, x_tilde, mask).astype(dtype), mask
+            return project(curv, x_tilde, mask, self.k).astype(dtype), mask
         return jnp.where(mask, x_tilde, 0.0), mask
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._validation import check_float_array, check_int
+from ._validation import check_finite, check_float_array, check_int
 
 __all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size"]
 
@@ -60,7 +60,9 @@ def topk_mask(scores: Any, k: int) -> Any:
     leaves, treedef = jax.tree.flatten(scores)
     if not leaves:
         raise ValueError("topk_mask got an empty pytree of scores.")
-    leaves = [check_float_array(leaf, "scores") for leaf in leaves]
+    # +inf scores are ordered (an infinite saliency means "never prune"); NaN is not.
+    leaves = [check_finite(check_float_array(leaf, "scores"), "scores", allow_inf=True)
+              for leaf in leaves]
     size = tree_size(leaves)
     k = check_int(k, "k", low=0, high=size)
     dtype = jnp.result_type(*leaves)
@@ -83,7 +85,7 @@ def hard_threshold(x: Any, k: int) -> Any:
       >>> hard_threshold(jnp.array([0.5, -2.0, 1.0]), 2)
       Array([ 0., -2.,  1.], dtype=float32)
     """
-    x = jax.tree.map(lambda leaf: check_float_array(leaf, "x"), x)
+    x = jax.tree.map(lambda leaf: check_finite(check_float_array(leaf, "x"), "x"), x)
     mask = topk_mask(jax.tree.map(jnp.abs, x), k)
     return jax.tree.map(lambda leaf, m: jnp.where(m, leaf, jnp.zeros_like(leaf)), x, mask)
 
@@ -105,7 +107,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
       >>> nm_mask(jnp.array([4., 1., 3., 2., 0., 5., 6., 7.]), 2, 4)
       Array([ True, False,  True, False, False, False,  True,  True], dtype=bool)
     """
-    scores = check_float_array(scores, "scores")
+    scores = check_finite(check_float_array(scores, "scores"), "scores", allow_inf=True)
     if scores.ndim == 0:
         raise ValueError("nm_mask needs an array with at least one axis; got a scalar.")
     m = check_int(m, "m", low=1)

@@ -19,16 +19,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._curvature import Curvature, DenseCurvature, OperatorCurvature
 from ._masks import _topk_mask_flat
 from ._validation import (
+    check_finite,
     check_float_array,
     check_int,
     check_nonnegative_scalar,
     check_same_structure,
     check_square_matrix,
+    is_concrete,
 )
 
 __all__ = ["obs_saliency", "obs_project", "obs_project_from_inverse", "greedy_obs"]
@@ -46,19 +49,31 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
       Array([2., 1.], dtype=float32)
     """
     check_same_structure(theta, hinv_diag, "theta", "hinv_diag")
+    for t, g in zip(jax.tree.leaves(theta), jax.tree.leaves(hinv_diag), strict=True):
+        check_finite(check_float_array(t, "theta"), "theta")
+        g = check_finite(check_float_array(g, "hinv_diag"), "hinv_diag")
+        if is_concrete(g) and g.size and not (np.asarray(g) > 0).all():
+            raise ValueError(
+                "hinv_diag must be > 0 (the diagonal of a positive definite inverse Hessian); "
+                "add damping to the Hessian before inverting it."
+            )
     return jax.tree.map(lambda t, g: t**2 / g, theta, hinv_diag)
 
 
-def project(curv: Curvature, theta_tilde: jax.Array, mask: jax.Array) -> jax.Array:
+def project(
+    curv: Curvature, theta_tilde: jax.Array, mask: jax.Array, size: int | None = None
+) -> jax.Array:
     """OBS projection of a flat ``theta_tilde`` onto ``mask`` for a built curvature.
 
+    ``size``: pass ``k`` when ``mask`` is known to hold exactly ``k`` True entries (a
+    top-k mask), so a dense curvature solves a ``(k, k)`` system instead of ``(d, d)``.
     Solved in correction form, ``theta = M theta~ + delta`` with
     ``A_QQ delta_Q = (A (theta~ * (1 - M)))_Q``, which keeps the answer accurate when the
     removed part is small (the usual case) and is exactly the H form above.
     """
     m = mask.astype(theta_tilde.dtype)
     removed = theta_tilde * (1.0 - m)
-    delta = curv.masked_solve(mask, curv.matvec(removed))
+    delta = curv.masked_solve(mask, curv.matvec(removed), size)
     return theta_tilde * m + delta
 
 
@@ -96,7 +111,9 @@ def obs_project(
       Array([1.5, 0. ], dtype=float32)
     """
     check_same_structure(theta_tilde, mask, "theta_tilde", "mask")
-    theta_tilde = jax.tree.map(lambda t: check_float_array(t, "theta_tilde"), theta_tilde)
+    theta_tilde = jax.tree.map(
+        lambda t: check_finite(check_float_array(t, "theta_tilde"), "theta_tilde"), theta_tilde
+    )
     damping = check_nonnegative_scalar(damping, "damping")
     flat, unravel = ravel_pytree(theta_tilde)
     flat_mask = ravel_pytree(jax.tree.map(lambda m: jnp.asarray(m, bool), mask))[0].astype(bool)
@@ -116,10 +133,16 @@ def _flat_operator(op: Callable[[Any], Any], unravel, dtype) -> Callable[[jax.Ar
     return lambda v: ravel_pytree(op(unravel(v)))[0].astype(dtype)
 
 
-def _project_from_inverse(g: jax.Array, theta_tilde: jax.Array, mask: jax.Array):
-    """Inverse-form projection and its cost ``theta~_P^T (G_PP)^{-1} theta~_P``."""
+def _project_from_inverse(
+    g: jax.Array, theta_tilde: jax.Array, mask: jax.Array, size: int | None = None
+):
+    """Inverse-form projection and its cost ``theta~_P^T (G_PP)^{-1} theta~_P``.
+
+    ``size``: the number of True entries of ``mask`` when it is static.
+    """
     # (G_PP)^{-1} theta~_P via the masked solve on the complement, then spread by G[:, P].
-    w = DenseCurvature(g).masked_solve(~mask, theta_tilde)
+    removed = None if size is None else theta_tilde.shape[0] - size
+    w = DenseCurvature(g).masked_solve(~mask, theta_tilde, removed)
     return jnp.where(mask, theta_tilde - g @ w, 0.0), jnp.vdot(theta_tilde, w)
 
 
@@ -131,7 +154,7 @@ def obs_project_from_inverse(
     Useful when the inverse is what one has (Woodbury/Fisher inverses, OBC). 1-D arrays
     only; entries off the mask are set to exactly zero.
     """
-    theta_tilde = check_float_array(theta_tilde, "theta_tilde")
+    theta_tilde = check_finite(check_float_array(theta_tilde, "theta_tilde"), "theta_tilde")
     if theta_tilde.ndim != 1:
         raise ValueError(f"theta_tilde must be a vector; got shape {theta_tilde.shape}.")
     d = theta_tilde.shape[0]
@@ -178,7 +201,7 @@ def greedy_obs(
       >>> mask
       Array([ True, False,  True], dtype=bool)
     """
-    theta = check_float_array(theta_tilde, "theta_tilde")
+    theta = check_finite(check_float_array(theta_tilde, "theta_tilde"), "theta_tilde")
     if theta.ndim != 1:
         raise ValueError(
             f"greedy_obs works on a vector; got theta_tilde of shape {theta.shape} "
@@ -220,7 +243,7 @@ def _greedy_obs(theta, g, k, safeguard):
         _topk_mask_flat(jnp.abs(theta), k),
         _topk_mask_flat(theta**2 / jnp.maximum(jnp.diagonal(g), floor), k),
     ):
-        alt, alt_cost = _project_from_inverse(g, theta, candidate)
+        alt, alt_cost = _project_from_inverse(g, theta, candidate, k)
         better = alt_cost < cost
         out = jnp.where(better, alt, out)
         mask = jnp.where(better, candidate, mask)

@@ -56,15 +56,31 @@ def check_float_array(x: Any, name: str) -> jax.Array:
     return x
 
 
+def check_finite(x: jax.Array, name: str, *, allow_inf: bool = False) -> jax.Array:
+    """Reject NaN (and inf unless ``allow_inf``) in data whose value is known now.
+
+    Inside ``jit``/``vmap`` the value is a tracer and cannot be inspected; there the
+    solvers report non-finite values through ``state.status`` instead.
+    """
+    if is_concrete(x) and x.size:
+        # NumPy, not jnp: under jit a jnp reduction of even a concrete array is traced.
+        arr = np.asarray(x)
+        bad = np.isnan(arr).any() if allow_inf else not np.isfinite(arr).all()
+        if bad:
+            what = "NaN" if allow_inf else "NaN or inf"
+            raise ValueError(f"{name} contains {what} values; clean the input before calling.")
+    return x
+
+
 def check_square_matrix(h: Any, size: int, name: str = "hessian") -> jax.Array:
-    """A dense curvature matrix must be ``(size, size)``."""
+    """A dense curvature matrix must be ``(size, size)`` and finite."""
     h = check_float_array(h, name)
     if h.shape != (size, size):
         raise ValueError(
             f"{name} must be a square matrix of shape ({size}, {size}) matching the "
             f"{size} parameters; got shape {h.shape}."
         )
-    return h
+    return check_finite(h, name)
 
 
 def check_same_structure(a: Any, b: Any, name_a: str, name_b: str) -> None:

@@ -95,6 +95,13 @@ def test_dense_curvature_solves_inverse_and_masked_solve(rng):
     z = np.zeros(7)
     z[mask] = np.linalg.solve(a[np.ix_(mask, mask)], b[mask])
     np.testing.assert_allclose(curv.masked_solve(jnp.asarray(mask), b), z, atol=1e-10)
+    # With the support size given statically the gathered (4, 4) system gives the same.
+    np.testing.assert_allclose(curv.masked_solve(jnp.asarray(mask), b, 4), z, atol=1e-10)
+    gathered = jax.jit(curv.masked_solve, static_argnums=2)(jnp.asarray(mask), b, 4)
+    np.testing.assert_allclose(gathered, z, atol=1e-10)
+    np.testing.assert_array_equal(curv.masked_solve(jnp.zeros(7, bool), b, 0), np.zeros(7))
+    full = curv.masked_solve(jnp.ones(7, bool), b, 7)
+    np.testing.assert_allclose(full, np.linalg.solve(a, b), atol=1e-10)
     free = ij.OperatorCurvature(lambda v: jnp.asarray(h) @ v, 7, jnp.float64, 0.25, cg_tol=1e-14)
     np.testing.assert_allclose(free.masked_solve(jnp.asarray(mask), b), z, atol=1e-9)
     with pytest.raises(ValueError, match="matrix-free"):

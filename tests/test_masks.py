@@ -106,3 +106,15 @@ def test_nm_mask_errors():
         ij.nm_mask(jnp.ones(8), 5, 4)
     with pytest.raises(ValueError, match="out of range"):
         ij.nm_mask(jnp.ones(8), 2, 4, axis=1)
+
+
+def test_nan_scores_raise_but_infinite_scores_are_ordered():
+    nan = jnp.array([1.0, jnp.nan, 3.0])
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        ij.topk_mask(nan, 1)
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        ij.nm_mask(jnp.array([1.0, jnp.nan]), 1, 2)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        ij.hard_threshold(jnp.array([1.0, jnp.inf]), 1)
+    np.testing.assert_array_equal(ij.topk_mask(jnp.array([1.0, jnp.inf, 3.0]), 2),
+                                  [False, True, True])

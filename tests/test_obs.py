@@ -126,6 +126,12 @@ def test_obs_project_errors(rng):
         ij.obs_project(jnp.ones(4), jnp.eye(4), jnp.ones(3, bool))
     with pytest.raises(ValueError, match="damping"):
         ij.obs_project(jnp.ones(4), jnp.eye(4), jnp.ones(4, bool), damping=-1.0)
+    with pytest.raises(ValueError, match="hessian contains NaN or inf"):
+        ij.obs_project(jnp.ones(2), jnp.array([[1.0, jnp.nan], [0.0, 1.0]]), jnp.ones(2, bool))
+    with pytest.raises(ValueError, match="theta_tilde contains NaN or inf"):
+        ij.obs_project(jnp.array([1.0, jnp.inf]), jnp.eye(2), jnp.ones(2, bool))
+    with pytest.raises(ValueError, match="hessian_inverse contains NaN or inf"):
+        ij.obs_project_from_inverse(jnp.ones(2), jnp.full((2, 2), jnp.inf), jnp.ones(2, bool))
 
 
 def test_obs_saliency_formula():
@@ -133,6 +139,10 @@ def test_obs_saliency_formula():
                                [2.0, 1.0])
     tree = ij.obs_saliency({"a": jnp.array([3.0])}, {"a": jnp.array([3.0])})
     np.testing.assert_allclose(tree["a"], [3.0])
+    with pytest.raises(ValueError, match="hinv_diag must be > 0"):
+        ij.obs_saliency(jnp.ones(2), jnp.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="theta contains NaN"):
+        ij.obs_saliency(jnp.array([jnp.nan, 1.0]), jnp.ones(2))
 
 
 def greedy_reference(theta_tilde, hessian, k):
@@ -250,3 +260,5 @@ def test_greedy_obs_errors():
         ij.greedy_obs(jnp.ones((2, 3)), jnp.eye(3), 1)
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
         ij.greedy_obs(jnp.ones(3), jnp.eye(2), 1)
+    with pytest.raises(ValueError, match="theta_tilde contains NaN or inf"):
+        ij.greedy_obs(jnp.array([1.0, 2.0, jnp.inf]), jnp.eye(3), 1)
