@@ -18,9 +18,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._masks import _topk_mask_flat, tree_size
+from ._masks import _topk_mask_flat, tree_size, unflatten_like
 from ._validation import check_float_array, check_int, is_concrete
 
 __all__ = ["Status", "trajectory", "raise_if_failed"]
@@ -31,8 +32,10 @@ class Status(enum.IntEnum):
 
     - ``SUCCESSFUL`` (0): the relative change of the iterate fell to ``tol``.
     - ``MAX_STEPS_REACHED`` (1): not converged yet (after ``run``: ``maxiter`` was reached).
-    - ``NONFINITE`` (2): the objective, gradient, curvature or a step was NaN/inf; the
-      returned ``x`` is the last finite iterate (``x0`` if the data itself is bad).
+    - ``NONFINITE`` (2): the objective, gradient, curvature or a step was NaN/inf (bad
+      data, or a Hessian that is not positive definite, so that its Cholesky factor
+      fails: add ``damping``); the returned ``x`` is the last finite iterate (``x0`` if
+      the data itself is bad).
     """
 
     SUCCESSFUL = 0
@@ -62,6 +65,10 @@ class Problem(NamedTuple):
     flat_fun: Callable[..., jax.Array]
     unravel: Callable[[jax.Array], Any]
     size: int
+    like: Any  # the parameter pytree, for shaping flat masks
+
+    def unravel_mask(self, flat_mask: jax.Array) -> Any:
+        return unflatten_like(flat_mask, self.like)
 
 
 def setup_problem(
@@ -75,12 +82,17 @@ def setup_problem(
     _, unravel = ravel_pytree(x0)
     d = tree_size(x0)
     if not validate:
-        return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d)
+        return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d, x0)
     leaves = jax.tree.leaves(x0)
     if not leaves:
         raise ValueError(f"{name}: x0 has no array leaves.")
     for leaf in leaves:
-        check_float_array(leaf, "x0")
+        dtype = check_float_array(leaf, "x0").dtype
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"{name}: x0 must hold floating-point arrays (the iterates are real); got "
+                f"dtype {jnp.result_type(leaf)}. Pass x0.astype({dtype.name})."
+            )
     check_int(k, "k", low=0, high=d)
     try:
         out = jax.eval_shape(fun, x0, *args)
@@ -95,7 +107,7 @@ def setup_problem(
             f"{name}: fun(x0, *args) must return a real scalar; got "
             f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}."
         )
-    return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d)
+    return Problem(lambda z, *a: fun(unravel(z), *a), unravel, d, x0)
 
 
 def relative_change(x_new: jax.Array, x: jax.Array) -> jax.Array:
@@ -117,7 +129,7 @@ def initial_fields(prob: Problem, x: jax.Array, args: tuple, k: int) -> dict:
         value=value.astype(x.dtype),
         grad=prob.unravel(grad),
         error=jnp.asarray(jnp.inf, x.dtype),
-        mask=prob.unravel(_topk_mask_flat(jnp.abs(x), k)),
+        mask=prob.unravel_mask(_topk_mask_flat(jnp.abs(x), k)),
         status=status.astype(jnp.int32),
     )
 
@@ -136,6 +148,8 @@ def finish_update(
     value_new, grad_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
     ok = all_finite(x_new, value_new, grad_new) & (state.status != Status.NONFINITE)
     error = relative_change(x_new, x)
+    # A tolerance below the dtype's resolution (1e-6 in bfloat16) could never be met.
+    tol = jnp.maximum(jnp.asarray(tol, x.dtype), jnp.finfo(x.dtype).eps)
     status = jnp.where(
         ok,
         jnp.where(error <= tol, Status.SUCCESSFUL, Status.MAX_STEPS_REACHED),
@@ -147,7 +161,7 @@ def finish_update(
         value=keep(value_new.astype(x.dtype), state.value),
         grad=prob.unravel(keep(grad_new, grad)),
         error=jnp.where(ok, error, jnp.inf).astype(x.dtype),
-        mask=prob.unravel(keep(mask, ravel_pytree(state.mask)[0])),
+        mask=prob.unravel_mask(keep(mask, ravel_pytree(state.mask)[0])),
         status=status,
     )
     return prob.unravel(keep(x_new, x)), fields
@@ -198,10 +212,21 @@ def validate_solver_fields(solver, name: str) -> None:
         raise TypeError(f"{name}: fun must be callable fun(x, *args) -> scalar.")
     check_int(solver.k, "k", low=0)
     check_int(solver.maxiter, "maxiter", low=0)
-    if not isinstance(solver.tol, int | float) or solver.tol < 0:
+    tol = solver.tol
+    if isinstance(tol, bool) or np.ndim(tol) != 0 or not is_concrete(tol):
+        raise TypeError(f"{name}: tol must be a Python float >= 0 (it is static); got {tol!r}.")
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: tol must be a Python float >= 0; got {solver.tol!r}.") from None
+    if not tol >= 0:
         raise ValueError(f"{name}: tol must be a float >= 0; got {solver.tol!r}.")
+    # tol is a static (hashable) field: store it as a plain float.
+    object.__setattr__(solver, "tol", tol)
 
 
 def is_checkable(value: Any) -> bool:
     """Pytree leaves may be placeholders during tree manipulations; check real values only."""
-    return isinstance(value, int | float | jax.Array) and is_concrete(value)
+    return isinstance(value, int | float | np.ndarray | np.generic | jax.Array) and is_concrete(
+        value
+    )

@@ -30,7 +30,12 @@ from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve
 
 from ._masks import tree_size
-from ._validation import check_choice, check_nonnegative_scalar, check_square_matrix
+from ._validation import (
+    check_choice,
+    check_finite_result,
+    check_nonnegative_scalar,
+    check_square_matrix,
+)
 
 __all__ = [
     "DenseCurvature",
@@ -91,7 +96,11 @@ class DenseCurvature:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"a dense curvature needs a square matrix; got {matrix.shape}.")
         self.size = matrix.shape[0]
-        self.dtype = matrix.dtype
+        # Factorizations need at least float32 (XLA has no 16-bit Cholesky, and half
+        # precision could not hold a useful factor anyway): 16-bit curvature is stored
+        # and solved in float32; callers cast results back to their parameters' dtype.
+        self.dtype = jnp.promote_types(matrix.dtype, jnp.float32)
+        matrix = matrix.astype(self.dtype)
         self.damping = jnp.asarray(damping, matrix.dtype)
         # Symmetrize: autodiff Hessians are symmetric only up to round-off.
         self.matrix = 0.5 * (matrix + matrix.T)
@@ -107,10 +116,10 @@ class DenseCurvature:
         return self._chol
 
     def matvec(self, v: jax.Array) -> jax.Array:
-        return self._damped @ v
+        return self._damped @ v.astype(self.dtype)
 
     def solve(self, b: jax.Array) -> jax.Array:
-        return cho_solve((self.chol, True), b)
+        return cho_solve((self.chol, True), b.astype(self.dtype))
 
     def inverse(self) -> jax.Array:
         return self.solve(jnp.eye(self.size, dtype=self.dtype))
@@ -137,7 +146,7 @@ class DenseCurvature:
         True entries (a top-k mask does). Then the ``(s, s)`` block is gathered and
         factored instead: ``O(s^3)`` rather than ``O(d^3)``, the common case ``k << d``.
         """
-        m = mask.astype(self.dtype)
+        b = b.astype(self.dtype)
         if size is not None:
             if size == 0:
                 return jnp.zeros_like(b)
@@ -146,7 +155,13 @@ class DenseCurvature:
             a = a + _jitter(jnp.diagonal(a)) * jnp.eye(size, dtype=self.dtype)
             z = cho_solve((jnp.linalg.cholesky(a), True), b[idx])
             return jnp.zeros_like(b).at[idx].set(z)
-        a = self._damped * m[:, None] * m[None, :] + jnp.diag(1.0 - m)
+        m = mask.astype(self.dtype)
+        # The filler on P is scaled like A (not 1) so that the jitter, relative to the
+        # mean diagonal, stays relative to A_QQ whatever the scale of the curvature.
+        diag_q = jnp.abs(jnp.diagonal(self._damped)) * m
+        scale = jnp.sum(diag_q) / jnp.maximum(jnp.sum(m), 1.0)
+        scale = jnp.where(scale > 0, scale, 1.0)
+        a = self._damped * m[:, None] * m[None, :] + jnp.diag(scale * (1.0 - m))
         a = a + _jitter(jnp.diagonal(a)) * jnp.diag(m)
         chol = jnp.linalg.cholesky(a)
         return cho_solve((chol, True), b * m) * m
@@ -363,4 +378,10 @@ def newton_direction(
         cg_maxiter=cg_maxiter,
     )
     g = jax.grad(flat_fun)(flat, *args)
-    return unravel(curv.solve(g))
+    direction = unravel(curv.solve(g).astype(flat.dtype))
+    return check_finite_result(
+        direction, "the Newton direction",
+        "the gradient or Hessian of fun at x is not finite, or the Hessian is not positive "
+        "definite (Cholesky fails on an indefinite matrix). Pass damping > 0, use "
+        "hessian='cg', or a PSD approximation (Gauss-Newton) as a callable hessian.",
+    )

@@ -20,7 +20,7 @@ from ._base import (
 )
 from ._curvature import HESSIAN_KINDS, make_curvature
 from ._masks import _topk_mask_flat
-from ._obs import greedy_obs, obs_saliency, project
+from ._obs import greedy_obs_unchecked, project, saliency
 from ._validation import check_choice, check_nonnegative_scalar, check_positive_scalar
 
 __all__ = ["IOBS", "IOBSState"]
@@ -137,11 +137,11 @@ class IOBS:
         )
         x_tilde = x - jnp.asarray(self.step_size, dtype) * curv.solve(g).astype(dtype)
         if self.selection == "greedy":
-            theta, mask = greedy_obs(x_tilde, curv.inverse(), self.k)
+            theta, mask = greedy_obs_unchecked(x_tilde, curv.inverse(), self.k)
             if self.correction:
                 return theta, mask
         elif self.selection == "saliency":
-            mask = _topk_mask_flat(obs_saliency(x_tilde, curv.inverse_diag()), self.k)
+            mask = _topk_mask_flat(saliency(x_tilde, curv.inverse_diag()), self.k)
         else:
             mask = _topk_mask_flat(jnp.abs(x_tilde), self.k)
         if self.correction:

@@ -16,12 +16,26 @@ from jax import lax
 
 from ._validation import check_finite, check_float_array, check_int
 
-__all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size"]
+__all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size", "unflatten_like"]
 
 
 def tree_size(tree: Any) -> int:
     """Total number of entries over all leaves of a pytree (a static Python int)."""
     return int(sum(np.prod(jnp.shape(leaf), dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def unflatten_like(flat: jax.Array, tree: Any) -> Any:
+    """Split a flat vector into a pytree shaped like ``tree``, keeping ``flat``'s dtype.
+
+    ``ravel_pytree``'s ``unravel`` casts back to each leaf's dtype (and refuses a boolean
+    vector when the leaves' dtypes differ); masks need their own dtype.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves]
+    pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(
+        treedef, [p.reshape(jnp.shape(leaf)) for p, leaf in zip(pieces, leaves, strict=True)]
+    )
 
 
 def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
@@ -67,12 +81,7 @@ def topk_mask(scores: Any, k: int) -> Any:
     k = check_int(k, "k", low=0, high=size)
     dtype = jnp.result_type(*leaves)
     flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-    mask = _topk_mask_flat(flat, k)
-    sizes = [int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves]
-    pieces = jnp.split(mask, np.cumsum(sizes)[:-1])
-    return jax.tree.unflatten(
-        treedef, [p.reshape(leaf.shape) for p, leaf in zip(pieces, leaves, strict=True)]
-    )
+    return unflatten_like(_topk_mask_flat(flat, k), scores)
 
 
 def hard_threshold(x: Any, k: int) -> Any:
@@ -85,8 +94,12 @@ def hard_threshold(x: Any, k: int) -> Any:
       >>> hard_threshold(jnp.array([0.5, -2.0, 1.0]), 2)
       Array([ 0., -2.,  1.], dtype=float32)
     """
-    x = jax.tree.map(lambda leaf: check_finite(check_float_array(leaf, "x"), "x"), x)
-    mask = topk_mask(jax.tree.map(jnp.abs, x), k)
+    x = jax.tree.map(jnp.asarray, x)
+    # Integers are allowed (and kept); magnitudes are compared in floating point.
+    magnitudes = jax.tree.map(
+        lambda leaf: jnp.abs(check_finite(check_float_array(leaf, "x"), "x")), x
+    )
+    mask = topk_mask(magnitudes, k)
     return jax.tree.map(lambda leaf, m: jnp.where(m, leaf, jnp.zeros_like(leaf)), x, mask)
 
 

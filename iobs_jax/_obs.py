@@ -26,6 +26,7 @@ from ._curvature import Curvature, DenseCurvature, OperatorCurvature
 from ._masks import _topk_mask_flat
 from ._validation import (
     check_finite,
+    check_finite_result,
     check_float_array,
     check_int,
     check_nonnegative_scalar,
@@ -35,6 +36,8 @@ from ._validation import (
 )
 
 __all__ = ["obs_saliency", "obs_project", "obs_project_from_inverse", "greedy_obs"]
+# Internal, unchecked entry points for traced library code: ``saliency``, ``project``,
+# ``greedy_obs_unchecked``.
 
 
 def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
@@ -57,7 +60,12 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
                 "hinv_diag must be > 0 (the diagonal of a positive definite inverse Hessian); "
                 "add damping to the Hessian before inverting it."
             )
-    return jax.tree.map(lambda t, g: t**2 / g, theta, hinv_diag)
+    return jax.tree.map(saliency, theta, hinv_diag)
+
+
+def saliency(theta: jax.Array, hinv_diag: jax.Array) -> jax.Array:
+    """``theta**2 / hinv_diag`` without checks (for traced code inside the library)."""
+    return theta**2 / hinv_diag
 
 
 def project(
@@ -110,13 +118,12 @@ def obs_project(
       >>> obs_project(jnp.array([1.0, 1.0]), H, jnp.array([True, False]))
       Array([1.5, 0. ], dtype=float32)
     """
-    check_same_structure(theta_tilde, mask, "theta_tilde", "mask")
+    flat_mask = _check_mask(mask, theta_tilde)
     theta_tilde = jax.tree.map(
         lambda t: check_finite(check_float_array(t, "theta_tilde"), "theta_tilde"), theta_tilde
     )
     damping = check_nonnegative_scalar(damping, "damping")
     flat, unravel = ravel_pytree(theta_tilde)
-    flat_mask = ravel_pytree(jax.tree.map(lambda m: jnp.asarray(m, bool), mask))[0].astype(bool)
     d = flat.shape[0]
     if callable(hessian):
         matvec = _flat_operator(hessian, unravel, flat.dtype)
@@ -126,7 +133,31 @@ def obs_project(
     else:
         h = check_square_matrix(hessian, d).astype(flat.dtype)
         curv = DenseCurvature(h, damping)
-    return unravel(project(curv, flat, flat_mask))
+    theta = project(curv, flat, flat_mask).astype(flat.dtype)
+    return _check_solution(unravel(theta), "the OBS projection")
+
+
+def _check_mask(mask: Any, like: Any) -> jax.Array:
+    """A support mask is boolean (or 0/1 integers) shaped like ``like``; returns it flat."""
+    check_same_structure(like, mask, "theta_tilde", "mask")
+    for m in jax.tree.leaves(mask):
+        dtype = jnp.result_type(m)
+        if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"mask must be boolean (True = kept); got dtype {dtype}. Build it with "
+                f"topk_mask/nm_mask or a comparison such as scores > threshold."
+            )
+    return jnp.concatenate([jnp.ravel(jnp.asarray(m)).astype(bool) for m in jax.tree.leaves(mask)])
+
+
+_NOT_PD = (
+    "the curvature is not positive definite on the kept support (indefinite or singular). "
+    "Pass damping > 0 (or a PSD approximation such as Gauss-Newton)."
+)
+
+
+def _check_solution(x: Any, what: str) -> Any:
+    return check_finite_result(x, what, _NOT_PD)
 
 
 def _flat_operator(op: Callable[[Any], Any], unravel, dtype) -> Callable[[jax.Array], jax.Array]:
@@ -159,10 +190,11 @@ def obs_project_from_inverse(
         raise ValueError(f"theta_tilde must be a vector; got shape {theta_tilde.shape}.")
     d = theta_tilde.shape[0]
     g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta_tilde.dtype)
-    mask = jnp.asarray(mask, bool)
-    if mask.shape != (d,):
-        raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {mask.shape}.")
-    return _project_from_inverse(g, theta_tilde, mask)[0]
+    if jnp.shape(mask) != (d,):
+        raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {jnp.shape(mask)}.")
+    mask = _check_mask(mask, theta_tilde)
+    theta = _project_from_inverse(g, theta_tilde, mask)[0].astype(theta_tilde.dtype)
+    return _check_solution(theta, "the OBS projection")
 
 
 def greedy_obs(
@@ -180,17 +212,21 @@ def greedy_obs(
     exact on a quadratic, the final ``theta`` equals :func:`obs_project` onto the final
     mask, and its cost is the sum of the removed saliencies. Cost ``O((d - k) d^2)``.
 
-    Greedy removal is not optimal: on about 1-3% of random instances a one-shot rule
-    does better. With ``safeguard=True`` (default) the result is compared, by its exact
-    OBS cost, with the one-shot supports "top-k of |theta~|" and "top-k of saliency"
-    (each with its OBS correction) and the cheapest is returned, so ``greedy_obs`` is
-    never worse than either. ``safeguard=False`` returns the plain greedy path.
+    Greedy removal is not optimal: on about 1-2% of random instances the one-shot support
+    "top-k of |theta~|" with its OBS correction is cheaper. With ``safeguard=True``
+    (default) the greedy result is compared with it by the exact OBS cost and the cheaper
+    is returned, so ``greedy_obs`` is never worse than top-k plus correction and equals
+    the plain greedy path whenever that path is at least as good. ``safeguard=False``
+    always returns the plain greedy path.
+
+    16-bit inputs are computed in float32 (rank-one downdates in half precision lose
+    the inverse) and returned in their own dtype.
 
     Args:
       theta_tilde: ``(d,)`` weights.
       hessian_inverse: ``(d, d)`` symmetric positive definite ``G = H^{-1}``.
       k: static int, ``0 <= k <= d``, number of weights kept.
-      safeguard: compare with the one-shot supports (adds two ``O(d^3)`` solves).
+      safeguard: compare with top-k plus correction (adds one ``O(d^3)`` solve).
 
     Returns:
       ``(theta, mask)``: the pruned weights (exact zeros off the mask) and the boolean mask
@@ -208,9 +244,17 @@ def greedy_obs(
             f"(vmap it for rows of a layer)."
         )
     d = theta.shape[0]
-    g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta.dtype)
+    g = check_square_matrix(hessian_inverse, d, "hessian_inverse")
     k = check_int(k, "k", low=0, high=d)
-    return _greedy_obs(theta, g, k, bool(safeguard))
+    out, mask = greedy_obs_unchecked(theta, g, k, bool(safeguard))
+    return _check_solution(out, "greedy OBS"), mask
+
+
+def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: int, safeguard: bool = True):
+    """:func:`greedy_obs` without the boundary checks (for traced code in the library)."""
+    work = jnp.promote_types(theta.dtype, jnp.float32)
+    out, mask = _greedy_obs(theta.astype(work), g.astype(work), k, safeguard)
+    return out.astype(theta.dtype), mask
 
 
 @functools.partial(jax.jit, static_argnames=("k", "safeguard"))
@@ -239,13 +283,9 @@ def _greedy_obs(theta, g, k, safeguard):
     mask = ~removed
     if not safeguard or k in (0, d):
         return out, mask
-    for candidate in (
-        _topk_mask_flat(jnp.abs(theta), k),
-        _topk_mask_flat(theta**2 / jnp.maximum(jnp.diagonal(g), floor), k),
-    ):
-        alt, alt_cost = _project_from_inverse(g, theta, candidate, k)
-        better = alt_cost < cost
-        out = jnp.where(better, alt, out)
-        mask = jnp.where(better, candidate, mask)
-        cost = jnp.where(better, alt_cost, cost)
-    return out, mask
+    candidate = _topk_mask_flat(jnp.abs(theta), k)
+    alt, alt_cost = _project_from_inverse(g, theta, candidate, k)
+    # Keep the greedy path on ties: the two costs are computed differently, and a
+    # round-off difference must not swap in another (equally good) answer.
+    better = alt_cost < cost * (1 - 64 * jnp.finfo(cost.dtype).eps)
+    return jnp.where(better, alt, out), jnp.where(better, candidate, mask)

@@ -72,6 +72,15 @@ def check_finite(x: jax.Array, name: str, *, allow_inf: bool = False) -> jax.Arr
     return x
 
 
+def check_finite_result(x: Any, what: str, fix: str) -> Any:
+    """Eager calls must not hand back NaN: raise, saying what to fix, when a result whose
+    value is known now (not traced) has NaN/inf entries; returns ``x`` unchanged."""
+    for leaf in jax.tree.leaves(x):
+        if is_concrete(leaf) and not np.isfinite(np.asarray(leaf)).all():
+            raise ValueError(f"{what} is not finite: {fix}")
+    return x
+
+
 def check_square_matrix(h: Any, size: int, name: str = "hessian") -> jax.Array:
     """A dense curvature matrix must be ``(size, size)`` and finite."""
     h = check_float_array(h, name)
@@ -111,10 +120,10 @@ def check_nonnegative_scalar(value: Any, name: str) -> jax.Array:
 
 
 def check_positive_scalar(value: Any, name: str) -> jax.Array:
-    arr = check_nonnegative_scalar(value, name)
-    if is_concrete(arr) and float(arr) == 0:
-        raise ValueError(f"{name} must be > 0; got 0.")
-    return arr
+    arr = jnp.asarray(value)
+    if arr.ndim == 0 and is_concrete(arr) and not float(arr) > 0:
+        raise ValueError(f"{name} must be > 0; got {float(arr)}.")
+    return check_nonnegative_scalar(arr, name)
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

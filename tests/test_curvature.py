@@ -133,3 +133,18 @@ def test_conjugate_gradient_is_exact_on_spd_and_finite_below_precision(rng):
     np.testing.assert_allclose(x32, np.linalg.solve(h, b), rtol=1e-3, atol=1e-3)
     zero = ij.conjugate_gradient(lambda v: h32 @ v, jnp.zeros(12, jnp.float32))
     assert not bool(jnp.any(zero))
+
+
+def test_newton_direction_raises_on_indefinite_hessian_instead_of_nan():
+    f = lambda x: jnp.sum(3.0 * jnp.sin(x) - 0.1 * x**2)  # concave near x = +-1.5
+    with pytest.raises(ValueError, match="not positive definite"):
+        ij.newton_direction(f, jnp.array([1.5, -1.5]))
+
+
+def test_dense_curvature_factors_16_bit_matrices_in_float32(rng):
+    h = random_spd(rng, 6)
+    curv = ij.DenseCurvature(jnp.asarray(h, jnp.bfloat16), damping=0.1)
+    assert curv.dtype == jnp.float32
+    b = rng.normal(size=6)
+    ref = np.linalg.solve(np.asarray(jnp.asarray(h, jnp.bfloat16), np.float64) + 0.1 * np.eye(6), b)
+    np.testing.assert_allclose(curv.solve(jnp.asarray(b, jnp.bfloat16)), ref, rtol=0.05, atol=0.05)

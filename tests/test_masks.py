@@ -118,3 +118,9 @@ def test_nan_scores_raise_but_infinite_scores_are_ordered():
         ij.hard_threshold(jnp.array([1.0, jnp.inf]), 1)
     np.testing.assert_array_equal(ij.topk_mask(jnp.array([1.0, jnp.inf, 3.0]), 2),
                                   [False, True, True])
+
+
+def test_hard_threshold_keeps_integer_dtype():
+    out = ij.hard_threshold(jnp.array([3, -5, 1], jnp.int32), 2)
+    assert out.dtype == jnp.int32
+    np.testing.assert_array_equal(out, [3, -5, 0])

@@ -262,3 +262,73 @@ def test_greedy_obs_errors():
         ij.greedy_obs(jnp.ones(3), jnp.eye(2), 1)
     with pytest.raises(ValueError, match="theta_tilde contains NaN or inf"):
         ij.greedy_obs(jnp.array([1.0, 2.0, jnp.inf]), jnp.eye(3), 1)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_obs_project_does_not_depend_on_the_scale_of_the_hessian(rng, scale):
+    # Scaling H scales the objective, not its minimizer: float32 must stay accurate too.
+    d, k = 40, 8
+    h = random_spd(rng, d)
+    theta_tilde = rng.normal(size=d)
+    mask = np.zeros(d, bool)
+    mask[rng.choice(d, k, replace=False)] = True
+    exact = constrained_lstsq(theta_tilde, h, mask)
+    for dtype, rtol in ((np.float64, 1e-9), (np.float32, 1e-4)):
+        got = ij.obs_project(jnp.asarray(theta_tilde, dtype), jnp.asarray(scale * h, dtype), mask)
+        np.testing.assert_allclose(got, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
+        g = jnp.asarray(np.linalg.inv(scale * h), dtype)
+        got = ij.obs_project_from_inverse(jnp.asarray(theta_tilde, dtype), g, mask)
+        np.testing.assert_allclose(got, exact, rtol=rtol, atol=rtol * np.abs(exact).max())
+
+
+def test_obs_project_raises_on_indefinite_hessian_and_non_boolean_mask():
+    indefinite = jnp.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="not positive definite"):
+        ij.obs_project(jnp.ones(3), indefinite, jnp.array([True, True, False]))
+    # Damping that makes H_QQ positive definite fixes it.
+    out = ij.obs_project(jnp.ones(3), indefinite, jnp.array([True, True, False]), damping=2.0)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        ij.obs_project(jnp.ones(3), jnp.eye(3), jnp.array([0.3, 0.0, 1.0]))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        ij.obs_project_from_inverse(jnp.ones(3), jnp.eye(3), jnp.array([0.3, 0.0, 1.0]))
+    np.testing.assert_allclose(  # 0/1 integer masks are fine
+        ij.obs_project(jnp.ones(3), jnp.eye(3), jnp.array([1, 0, 1])), [1.0, 0.0, 1.0]
+    )
+
+
+def test_greedy_obs_safeguard_only_departs_from_greedy_when_topk_is_cheaper():
+    rng = np.random.default_rng(3)
+    departed = 0
+    for _ in range(150):
+        d, k = 10, int(rng.integers(1, 10))
+        h = random_spd(rng, d, n=d + 2)
+        g = np.linalg.inv(h)
+        theta_tilde = rng.normal(size=d)
+        plain, plain_mask = ij.greedy_obs(theta_tilde, g, k, safeguard=False)
+        safe, safe_mask = ij.greedy_obs(theta_tilde, g, k)
+        topk = ij.obs_project(theta_tilde, h, ij.topk_mask(jnp.abs(theta_tilde), k))
+        plain_cost, topk_cost = quad_cost(plain, theta_tilde, h), quad_cost(topk, theta_tilde, h)
+        if plain_cost <= topk_cost * (1 + 1e-9):
+            np.testing.assert_array_equal(safe_mask, plain_mask)
+            np.testing.assert_allclose(safe, plain, atol=1e-12)
+        else:
+            departed += 1
+            np.testing.assert_allclose(safe, topk, atol=1e-9)
+    assert departed < 10  # greedy is rarely beaten by the one-shot rule
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_projections_compute_16_bit_inputs_in_float32(rng, dtype):
+    d = 8
+    h = random_spd(rng, d)
+    theta_tilde = rng.normal(size=d)
+    mask = np.arange(d) < 3
+    exact = constrained_lstsq(theta_tilde, h, mask)
+    got = ij.obs_project(jnp.asarray(theta_tilde, dtype), jnp.asarray(h, dtype), mask)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=0.1 * np.abs(exact).max())
+    g = jnp.asarray(np.linalg.inv(h), dtype)
+    theta, gmask = ij.greedy_obs(jnp.asarray(theta_tilde, dtype), g, 3)
+    assert theta.dtype == dtype and int(gmask.sum()) == 3
+    assert bool(jnp.all(jnp.isfinite(theta.astype(jnp.float32))))

@@ -159,6 +159,47 @@ def test_non_finite_data_is_reported_not_returned_as_nan(name):
         ij.raise_if_failed(state)
 
 
+@solver_names
+def test_eager_update_on_bad_data_reports_status_instead_of_raising(name):
+    # update() outside jit must behave like update() inside jit: a status, not an error.
+    prob = make_problem(7)
+    bad = prob.observations.at[3].set(jnp.nan)
+    solver = SOLVERS[name](mse_loss, 4)
+    state = solver.init_state(jnp.zeros(20), prob.design, bad)
+    x1, state1 = solver.update(jnp.zeros(20), state, prob.design, bad)
+    assert int(state1.status) == ij.Status.NONFINITE
+    assert bool(jnp.all(jnp.isfinite(x1)))
+
+
+@solver_names
+def test_pytree_with_mixed_leaf_dtypes_keeps_each_dtype(name):
+    prob = make_problem(6)
+    loss = lambda p, a, y: mse_loss(
+        jnp.concatenate([p["u"], p["v"].astype(jnp.float64)]), a, y
+    )
+    params0 = {"u": jnp.zeros(12), "v": jnp.zeros(8, jnp.float32)}
+    x, state = SOLVERS[name](loss, 4).run(params0, prob.design, prob.observations)
+    assert x["u"].dtype == jnp.float64 and x["v"].dtype == jnp.float32
+    assert state.mask["u"].dtype == jnp.bool_ and state.mask["v"].dtype == jnp.bool_
+    full = jnp.concatenate([x["u"], x["v"].astype(jnp.float64)])
+    assert rel_err(full, prob.x_true) < 1e-5
+
+
+@solver_names
+def test_bfloat16_parameters_run_and_keep_their_dtype(name):
+    # Dense factorizations run in float32 under the hood; results come back in bfloat16.
+    prob = make_problem(13)
+    bf = jnp.bfloat16
+    x, state = jax.jit(SOLVERS[name](mse_loss, 4).run)(
+        jnp.zeros(20, bf), prob.design.astype(bf), prob.observations.astype(bf)
+    )
+    assert x.dtype == bf
+    assert int(state.status) == ij.Status.SUCCESSFUL  # tol is clamped to bfloat16's eps
+    # bfloat16 has ~3 significant digits: a small true coefficient may be swapped for
+    # a spurious one of the same size, so compare values, not supports.
+    assert rel_err(x.astype(jnp.float64), prob.x_true) < 0.1
+
+
 # --- the paper's bars --------------------------------------------------------------------
 
 
@@ -285,3 +326,11 @@ def test_bad_input_raises_clear_errors_before_tracing():
         ij.IHT(mse_loss, 4, variant="niht", step_size=0.1)
     with pytest.raises(TypeError, match="x0 must be real"):
         ij.IHT(mse_loss, 4).run(jnp.zeros(20, jnp.complex64), a, y)
+    with pytest.raises(TypeError, match="x0 must hold floating-point"):
+        ij.IOBS(mse_loss, 4).run(jnp.zeros(20, jnp.int32), a, y)
+    with pytest.raises(ValueError, match="step_size must be > 0"):
+        ij.IHT(mse_loss, 4, step_size=np.float32(-1.0))
+    with pytest.raises(ValueError, match="tol must be"):
+        ij.IHT(mse_loss, 4, tol=-1e-3)
+    # NumPy and 0-d array tolerances are accepted and stored as a static float.
+    assert isinstance(ij.IOBS(mse_loss, 4, tol=np.float32(1e-5)).tol, float)
