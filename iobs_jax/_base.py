@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._masks import _topk_mask_flat, tree_size, unflatten_like
-from ._validation import check_float_array, check_int, is_concrete
+from ._masks import _topk_mask_flat, flatten, tree_size, unflatten_like
+from ._validation import check_float_array, check_int, check_tol, is_concrete
 
 __all__ = ["Status", "trajectory", "raise_if_failed"]
 
@@ -143,13 +143,16 @@ def finish_update(
     ``status = NONFINITE``; an accepted one sets ``SUCCESSFUL`` once the relative change
     is ``<= tol``. Returns the new iterate (as a pytree) and the shared state fields.
     """
-    x_new = x_new.astype(x.dtype)
+    # Round each leaf to its own dtype (a bfloat16 leaf beside a float64 one must not
+    # keep float64 digits it cannot hold, or the change never falls below tol).
+    x_new = ravel_pytree(prob.unravel(x_new.astype(x.dtype)))[0]
     grad = ravel_pytree(state.grad)[0]
     value_new, grad_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
     ok = all_finite(x_new, value_new, grad_new) & (state.status != Status.NONFINITE)
     error = relative_change(x_new, x)
-    # A tolerance below the dtype's resolution (1e-6 in bfloat16) could never be met.
-    tol = jnp.maximum(jnp.asarray(tol, x.dtype), jnp.finfo(x.dtype).eps)
+    # A tolerance below the coarsest leaf's resolution (1e-6 in bfloat16) is never met.
+    eps = max(float(jnp.finfo(jnp.result_type(leaf)).eps) for leaf in jax.tree.leaves(prob.like))
+    tol = jnp.maximum(jnp.asarray(tol, x.dtype), jnp.asarray(eps, x.dtype))
     status = jnp.where(
         ok,
         jnp.where(error <= tol, Status.SUCCESSFUL, Status.MAX_STEPS_REACHED),
@@ -161,7 +164,7 @@ def finish_update(
         value=keep(value_new.astype(x.dtype), state.value),
         grad=prob.unravel(keep(grad_new, grad)),
         error=jnp.where(ok, error, jnp.inf).astype(x.dtype),
-        mask=prob.unravel_mask(keep(mask, ravel_pytree(state.mask)[0])),
+        mask=prob.unravel_mask(keep(mask, flatten(state.mask, bool))),
         status=status,
     )
     return prob.unravel(keep(x_new, x)), fields
@@ -212,17 +215,9 @@ def validate_solver_fields(solver, name: str) -> None:
         raise TypeError(f"{name}: fun must be callable fun(x, *args) -> scalar.")
     check_int(solver.k, "k", low=0)
     check_int(solver.maxiter, "maxiter", low=0)
-    tol = solver.tol
-    if isinstance(tol, bool) or np.ndim(tol) != 0 or not is_concrete(tol):
-        raise TypeError(f"{name}: tol must be a Python float >= 0 (it is static); got {tol!r}.")
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: tol must be a Python float >= 0; got {solver.tol!r}.") from None
-    if not tol >= 0:
-        raise ValueError(f"{name}: tol must be a float >= 0; got {solver.tol!r}.")
-    # tol is a static (hashable) field: store it as a plain float.
-    object.__setattr__(solver, "tol", tol)
+    # tol is a static (hashable) field of a frozen dataclass: store it as a plain float
+    # (the usual __post_init__ idiom for normalizing a frozen field).
+    object.__setattr__(solver, "tol", check_tol(solver.tol, f"{name}: tol"))
 
 
 def is_checkable(value: Any) -> bool:

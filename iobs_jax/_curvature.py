@@ -74,6 +74,15 @@ def dense_hessian(fun: Callable[..., jax.Array], x: Any, *args: Any) -> jax.Arra
     return jax.hessian(lambda z: fun(unravel(z), *args))(flat)
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype dense linear algebra runs in: at least float32.
+
+    XLA has no 16-bit Cholesky, and half precision could not hold a useful factor (or a
+    rank-one-downdated inverse) anyway; callers cast results back to their own dtype.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _jitter(diag: jax.Array) -> jax.Array:
     # A relative jitter of ~d * eps keeps Cholesky finite on PSD matrices that are
     # singular only by round-off, and is far below any meaningful damping.
@@ -96,10 +105,8 @@ class DenseCurvature:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"a dense curvature needs a square matrix; got {matrix.shape}.")
         self.size = matrix.shape[0]
-        # Factorizations need at least float32 (XLA has no 16-bit Cholesky, and half
-        # precision could not hold a useful factor anyway): 16-bit curvature is stored
-        # and solved in float32; callers cast results back to their parameters' dtype.
-        self.dtype = jnp.promote_types(matrix.dtype, jnp.float32)
+        # 16-bit curvature is stored and solved in float32 (see compute_dtype).
+        self.dtype = compute_dtype(matrix.dtype)
         matrix = matrix.astype(self.dtype)
         self.damping = jnp.asarray(damping, matrix.dtype)
         # Symmetrize: autodiff Hessians are symmetric only up to round-off.
@@ -204,7 +211,7 @@ class OperatorCurvature:
         return self._cg(self.matvec, b, x0)
 
     def masked_solve(
-        self, mask: jax.Array, b: jax.Array, size: int | None = None,
+        self, mask: jax.Array, b: jax.Array, size: int | None = None, *,
         x0: jax.Array | None = None,
     ) -> jax.Array:
         # CG works with the masked operator whatever the support size; ``size`` is
@@ -350,7 +357,7 @@ def make_curvature(
         op = lambda v: ravel_pytree(out(unravel(v)))[0].astype(x.dtype)
         return OperatorCurvature(op, d, x.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
     h = check_square_matrix(out, d, "the matrix returned by hessian(params, *args)")
-    return DenseCurvature(h.astype(x.dtype), damping)
+    return DenseCurvature(h.astype(compute_dtype(x.dtype)), damping)
 
 
 def newton_direction(

@@ -1,8 +1,8 @@
 """Sparsity masks: the one top-k of the library, hard thresholding and N:M patterns.
 
-Every selection rule in iobs_jax (magnitude, OBS saliency, Optax projections, layer
-pruning) ends in :func:`topk_mask` or :func:`nm_mask`, so tie-breaking and validation
-live in exactly one place.
+Every selection rule in iobs_jax (magnitude, OBS saliency, greedy OBS's safeguard, the
+solvers' supports) ends in :func:`topk_mask` or :func:`nm_mask` (or their unchecked flat
+core), so tie-breaking and validation live in exactly one place.
 """
 
 from __future__ import annotations
@@ -16,12 +16,27 @@ from jax import lax
 
 from ._validation import check_finite, check_float_array, check_int
 
-__all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size", "unflatten_like"]
+__all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size", "flatten", "unflatten_like"]
+
+
+def _leaf_sizes(tree: Any) -> list[int]:
+    return [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in jax.tree.leaves(tree)]
 
 
 def tree_size(tree: Any) -> int:
     """Total number of entries over all leaves of a pytree (a static Python int)."""
-    return int(sum(np.prod(jnp.shape(leaf), dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+    return sum(_leaf_sizes(tree))
+
+
+def flatten(tree: Any, dtype: Any = None) -> jax.Array:
+    """Concatenate the raveled leaves of a pytree (masks, scores) into one vector.
+
+    Unlike ``ravel_pytree`` it keeps booleans boolean; ``dtype`` (default: the leaves'
+    common type) is the vector's dtype. Inverse: :func:`unflatten_like`.
+    """
+    leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+    dtype = jnp.result_type(*leaves) if dtype is None else dtype
+    return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
 
 
 def unflatten_like(flat: jax.Array, tree: Any) -> Any:
@@ -31,8 +46,7 @@ def unflatten_like(flat: jax.Array, tree: Any) -> Any:
     vector when the leaves' dtypes differ); masks need their own dtype.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    sizes = [int(np.prod(jnp.shape(leaf), dtype=np.int64)) for leaf in leaves]
-    pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+    pieces = jnp.split(flat, np.cumsum(_leaf_sizes(tree))[:-1])
     return jax.tree.unflatten(
         treedef, [p.reshape(jnp.shape(leaf)) for p, leaf in zip(pieces, leaves, strict=True)]
     )
@@ -71,17 +85,19 @@ def topk_mask(scores: Any, k: int) -> Any:
       >>> topk_mask(jnp.array([0.1, 3.0, -2.0, 3.0]), 2)
       Array([False,  True, False,  True], dtype=bool)
     """
-    leaves, treedef = jax.tree.flatten(scores)
-    if not leaves:
+    # +-inf scores are ordered (an infinite saliency means "never prune"); NaN is not.
+    scores = jax.tree.map(
+        lambda s: check_finite(check_float_array(s, "scores"), "scores", allow_inf=True), scores
+    )
+    return _topk_mask_tree(scores, k)
+
+
+def _topk_mask_tree(scores: Any, k: int) -> Any:
+    """:func:`topk_mask` on float arrays already checked."""
+    if not jax.tree.leaves(scores):
         raise ValueError("topk_mask got an empty pytree of scores.")
-    # +inf scores are ordered (an infinite saliency means "never prune"); NaN is not.
-    leaves = [check_finite(check_float_array(leaf, "scores"), "scores", allow_inf=True)
-              for leaf in leaves]
-    size = tree_size(leaves)
-    k = check_int(k, "k", low=0, high=size)
-    dtype = jnp.result_type(*leaves)
-    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-    return unflatten_like(_topk_mask_flat(flat, k), scores)
+    k = check_int(k, "k", low=0, high=tree_size(scores))
+    return unflatten_like(_topk_mask_flat(flatten(scores), k), scores)
 
 
 def hard_threshold(x: Any, k: int) -> Any:
@@ -99,7 +115,7 @@ def hard_threshold(x: Any, k: int) -> Any:
     magnitudes = jax.tree.map(
         lambda leaf: jnp.abs(check_finite(check_float_array(leaf, "x"), "x")), x
     )
-    mask = topk_mask(magnitudes, k)
+    mask = _topk_mask_tree(magnitudes, k)
     return jax.tree.map(lambda leaf, m: jnp.where(m, leaf, jnp.zeros_like(leaf)), x, mask)
 
 

@@ -7,8 +7,9 @@ For a fixed support ``Q`` (``mask``), with ``P`` its complement and ``G = H^{-1}
         theta   = theta~ - G[:, P] (G_PP)^{-1} theta~_P        (the inverse form)
 
 and the projection costs ``theta~_P^T (G_PP)^{-1} theta~_P``. These are the only
-implementations of the OBS formula in the library; solvers, Optax transforms and
-layer pruning all call them.
+implementations of the OBS formula in the library: the solvers call the unchecked
+internals (``project``, ``saliency``, ``greedy_obs_unchecked``), users the checked
+public functions.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._curvature import Curvature, DenseCurvature, OperatorCurvature
-from ._masks import _topk_mask_flat
+from ._curvature import Curvature, DenseCurvature, OperatorCurvature, compute_dtype
+from ._masks import _topk_mask_flat, flatten
 from ._validation import (
     check_finite,
     check_finite_result,
@@ -131,23 +132,26 @@ def obs_project(
             matvec, d, flat.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter
         )
     else:
-        h = check_square_matrix(hessian, d).astype(flat.dtype)
-        curv = DenseCurvature(h, damping)
+        h = check_finite(check_square_matrix(hessian, d), "hessian")
+        curv = DenseCurvature(h.astype(compute_dtype(flat.dtype)), damping)
     theta = project(curv, flat, flat_mask).astype(flat.dtype)
     return _check_solution(unravel(theta), "the OBS projection")
 
 
 def _check_mask(mask: Any, like: Any) -> jax.Array:
-    """A support mask is boolean (or 0/1 integers) shaped like ``like``; returns it flat."""
+    """A support mask is boolean (integers: nonzero = kept) shaped like ``like``; returns
+    it as one flat boolean vector."""
+    if not jax.tree.structure(like).num_nodes > 1:  # a single array: lists are fine too
+        mask = jnp.asarray(mask)
     check_same_structure(like, mask, "theta_tilde", "mask")
     for m in jax.tree.leaves(mask):
         dtype = jnp.result_type(m)
         if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
-                f"mask must be boolean (True = kept); got dtype {dtype}. Build it with "
-                f"topk_mask/nm_mask or a comparison such as scores > threshold."
+                f"mask must be boolean (True = kept; integers count nonzero as kept); got "
+                f"dtype {dtype}. Build it with topk_mask/nm_mask or a comparison."
             )
-    return jnp.concatenate([jnp.ravel(jnp.asarray(m)).astype(bool) for m in jax.tree.leaves(mask)])
+    return flatten(mask, bool)
 
 
 _NOT_PD = (
@@ -189,9 +193,10 @@ def obs_project_from_inverse(
     if theta_tilde.ndim != 1:
         raise ValueError(f"theta_tilde must be a vector; got shape {theta_tilde.shape}.")
     d = theta_tilde.shape[0]
-    g = check_square_matrix(hessian_inverse, d, "hessian_inverse").astype(theta_tilde.dtype)
-    if jnp.shape(mask) != (d,):
-        raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {jnp.shape(mask)}.")
+    g = check_square_matrix(hessian_inverse, d, "hessian_inverse")
+    g = check_finite(g, "hessian_inverse").astype(compute_dtype(theta_tilde.dtype))
+    if np.shape(mask) != (d,):
+        raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {np.shape(mask)}.")
     mask = _check_mask(mask, theta_tilde)
     theta = _project_from_inverse(g, theta_tilde, mask)[0].astype(theta_tilde.dtype)
     return _check_solution(theta, "the OBS projection")
@@ -212,7 +217,7 @@ def greedy_obs(
     exact on a quadratic, the final ``theta`` equals :func:`obs_project` onto the final
     mask, and its cost is the sum of the removed saliencies. Cost ``O((d - k) d^2)``.
 
-    Greedy removal is not optimal: on about 1-2% of random instances the one-shot support
+    Greedy removal is not optimal: on about 1-3% of random instances the one-shot support
     "top-k of |theta~|" with its OBS correction is cheaper. With ``safeguard=True``
     (default) the greedy result is compared with it by the exact OBS cost and the cheaper
     is returned, so ``greedy_obs`` is never worse than top-k plus correction and equals
@@ -226,7 +231,7 @@ def greedy_obs(
       theta_tilde: ``(d,)`` weights.
       hessian_inverse: ``(d, d)`` symmetric positive definite ``G = H^{-1}``.
       k: static int, ``0 <= k <= d``, number of weights kept.
-      safeguard: compare with top-k plus correction (adds one ``O(d^3)`` solve).
+      safeguard: compare with top-k plus correction (adds one ``O((d - k)^3)`` solve).
 
     Returns:
       ``(theta, mask)``: the pruned weights (exact zeros off the mask) and the boolean mask
@@ -244,7 +249,7 @@ def greedy_obs(
             f"(vmap it for rows of a layer)."
         )
     d = theta.shape[0]
-    g = check_square_matrix(hessian_inverse, d, "hessian_inverse")
+    g = check_finite(check_square_matrix(hessian_inverse, d, "hessian_inverse"), "hessian_inverse")
     k = check_int(k, "k", low=0, high=d)
     out, mask = greedy_obs_unchecked(theta, g, k, bool(safeguard))
     return _check_solution(out, "greedy OBS"), mask
@@ -252,7 +257,7 @@ def greedy_obs(
 
 def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: int, safeguard: bool = True):
     """:func:`greedy_obs` without the boundary checks (for traced code in the library)."""
-    work = jnp.promote_types(theta.dtype, jnp.float32)
+    work = compute_dtype(theta.dtype)
     out, mask = _greedy_obs(theta.astype(work), g.astype(work), k, safeguard)
     return out.astype(theta.dtype), mask
 

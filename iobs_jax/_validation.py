@@ -62,34 +62,49 @@ def check_finite(x: jax.Array, name: str, *, allow_inf: bool = False) -> jax.Arr
     Inside ``jit``/``vmap`` the value is a tracer and cannot be inspected; there the
     solvers report non-finite values through ``state.status`` instead.
     """
-    if is_concrete(x) and x.size:
-        # NumPy, not jnp: under jit a jnp reduction of even a concrete array is traced.
-        arr = np.asarray(x)
-        bad = np.isnan(arr).any() if allow_inf else not np.isfinite(arr).all()
-        if bad:
-            what = "NaN" if allow_inf else "NaN or inf"
-            raise ValueError(f"{name} contains {what} values; clean the input before calling.")
+    if not _all_finite_now(x, allow_inf):
+        what = "NaN" if allow_inf else "NaN or inf"
+        raise ValueError(f"{name} contains {what} values; clean the input before calling.")
     return x
+
+
+def _all_finite_now(x: Any, allow_inf: bool = False) -> bool:
+    """False only when ``x`` holds a value now and it has NaN (or inf) entries.
+
+    Reduced on the device and only one boolean comes back; ``ensure_compile_time_eval``
+    keeps the reduction eager when we are called while an outer function is traced
+    (a closed-over constant is concrete there, but a jnp op on it would be traced).
+    """
+    x = jnp.asarray(x)
+    if not is_concrete(x) or not x.size:
+        return True
+    with jax.ensure_compile_time_eval():
+        ok = jnp.all(~jnp.isnan(x)) if allow_inf else jnp.all(jnp.isfinite(x))
+        return bool(ok)
 
 
 def check_finite_result(x: Any, what: str, fix: str) -> Any:
     """Eager calls must not hand back NaN: raise, saying what to fix, when a result whose
     value is known now (not traced) has NaN/inf entries; returns ``x`` unchanged."""
-    for leaf in jax.tree.leaves(x):
-        if is_concrete(leaf) and not np.isfinite(np.asarray(leaf)).all():
-            raise ValueError(f"{what} is not finite: {fix}")
+    if not all(_all_finite_now(leaf) for leaf in jax.tree.leaves(x)):
+        raise ValueError(f"{what} is not finite: {fix}")
     return x
 
 
 def check_square_matrix(h: Any, size: int, name: str = "hessian") -> jax.Array:
-    """A dense curvature matrix must be ``(size, size)`` and finite."""
+    """A dense curvature matrix must be ``(size, size)``.
+
+    Finiteness is not checked here: inside the solvers the matrix comes from the data,
+    and bad data is reported by ``state.status``. Public projections call
+    :func:`check_finite` on it themselves.
+    """
     h = check_float_array(h, name)
     if h.shape != (size, size):
         raise ValueError(
             f"{name} must be a square matrix of shape ({size}, {size}) matching the "
             f"{size} parameters; got shape {h.shape}."
         )
-    return check_finite(h, name)
+    return h
 
 
 def check_same_structure(a: Any, b: Any, name_a: str, name_b: str) -> None:
@@ -124,6 +139,20 @@ def check_positive_scalar(value: Any, name: str) -> jax.Array:
     if arr.ndim == 0 and is_concrete(arr) and not float(arr) > 0:
         raise ValueError(f"{name} must be > 0; got {float(arr)}.")
     return check_nonnegative_scalar(arr, name)
+
+
+def check_tol(value: Any, name: str) -> float:
+    """A static, hashable tolerance: a real number >= 0, returned as a Python float."""
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real | np.generic | np.ndarray | jax.Array)
+        and np.ndim(value) == 0 and is_concrete(value)
+        and np.asarray(value).dtype.kind in "fiu"
+    ):
+        raise TypeError(f"{name} must be a real number >= 0 (a static float); got {value!r}.")
+    tol = float(value)
+    if not tol >= 0 or not np.isfinite(tol):
+        raise ValueError(f"{name} must be a finite float >= 0; got {value!r}.")
+    return tol
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -136,7 +136,7 @@ def test_conjugate_gradient_is_exact_on_spd_and_finite_below_precision(rng):
 
 
 def test_newton_direction_raises_on_indefinite_hessian_instead_of_nan():
-    f = lambda x: jnp.sum(3.0 * jnp.sin(x) - 0.1 * x**2)  # concave near x = +-1.5
+    f = lambda x: jnp.sum(3.0 * jnp.sin(x) - 0.1 * x**2)  # Hessian indefinite at (1.5, -1.5)
     with pytest.raises(ValueError, match="not positive definite"):
         ij.newton_direction(f, jnp.array([1.5, -1.5]))
 

@@ -292,6 +292,9 @@ def test_obs_project_raises_on_indefinite_hessian_and_non_boolean_mask():
         ij.obs_project(jnp.ones(3), jnp.eye(3), jnp.array([0.3, 0.0, 1.0]))
     with pytest.raises(TypeError, match="mask must be boolean"):
         ij.obs_project_from_inverse(jnp.ones(3), jnp.eye(3), jnp.array([0.3, 0.0, 1.0]))
+    np.testing.assert_allclose(  # plain Python lists are masks too
+        ij.obs_project_from_inverse(jnp.ones(3), jnp.eye(3), [True, False, True]), [1, 0, 1]
+    )
     np.testing.assert_allclose(  # 0/1 integer masks are fine
         ij.obs_project(jnp.ones(3), jnp.eye(3), jnp.array([1, 0, 1])), [1.0, 0.0, 1.0]
     )
@@ -315,7 +318,7 @@ def test_greedy_obs_safeguard_only_departs_from_greedy_when_topk_is_cheaper():
         else:
             departed += 1
             np.testing.assert_allclose(safe, topk, atol=1e-9)
-    assert departed < 10  # greedy is rarely beaten by the one-shot rule
+    assert 1 <= departed < 10  # greedy is rarely, but sometimes, beaten by the one-shot rule
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -330,5 +333,9 @@ def test_projections_compute_16_bit_inputs_in_float32(rng, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float64), exact, atol=0.1 * np.abs(exact).max())
     g = jnp.asarray(np.linalg.inv(h), dtype)
     theta, gmask = ij.greedy_obs(jnp.asarray(theta_tilde, dtype), g, 3)
-    assert theta.dtype == dtype and int(gmask.sum()) == 3
-    assert bool(jnp.all(jnp.isfinite(theta.astype(jnp.float32))))
+    assert theta.dtype == dtype
+    # The same rounded inputs in float64 choose the same support and nearly the same weights.
+    ref, ref_mask = ij.greedy_obs(jnp.asarray(theta_tilde, dtype).astype(jnp.float64),
+                                  g.astype(jnp.float64), 3)
+    np.testing.assert_array_equal(gmask, ref_mask)
+    np.testing.assert_allclose(np.asarray(theta, np.float64), ref, atol=0.05 * np.abs(ref).max())

@@ -171,6 +171,26 @@ def test_eager_update_on_bad_data_reports_status_instead_of_raising(name):
     assert bool(jnp.all(jnp.isfinite(x1)))
 
 
+def test_eager_update_with_callable_dense_hessian_on_bad_data_reports_status():
+    prob = make_problem(7)
+    bad = prob.observations.at[3].set(jnp.nan)
+    solver = ij.IOBS(mse_loss, 4, hessian=gram_hessian)
+    state = solver.init_state(jnp.zeros(20), prob.design, bad)
+    _, state1 = solver.update(jnp.zeros(20), state, prob.design, bad)
+    assert int(state1.status) == ij.Status.NONFINITE
+
+
+@pytest.mark.parametrize("name", ["iobs-topk", "htp", "niht"])
+def test_pytree_mixing_bfloat16_and_float64_leaves_converges(name):
+    # The bfloat16 leaf is rounded every step, so tol is judged at bfloat16's resolution.
+    prob = make_problem(6)
+    loss = lambda p, a, y: mse_loss(jnp.concatenate([p["u"], p["v"].astype(jnp.float64)]), a, y)
+    params0 = {"u": jnp.zeros(12), "v": jnp.zeros(8, jnp.bfloat16)}
+    x, state = SOLVERS[name](loss, 4).run(params0, prob.design, prob.observations)
+    assert x["v"].dtype == jnp.bfloat16 and x["u"].dtype == jnp.float64
+    assert int(state.status) == ij.Status.SUCCESSFUL
+
+
 @solver_names
 def test_pytree_with_mixed_leaf_dtypes_keeps_each_dtype(name):
     prob = make_problem(6)
@@ -183,6 +203,7 @@ def test_pytree_with_mixed_leaf_dtypes_keeps_each_dtype(name):
     assert state.mask["u"].dtype == jnp.bool_ and state.mask["v"].dtype == jnp.bool_
     full = jnp.concatenate([x["u"], x["v"].astype(jnp.float64)])
     assert rel_err(full, prob.x_true) < 1e-5
+    assert int(state.status) == ij.Status.SUCCESSFUL
 
 
 @solver_names
@@ -332,5 +353,7 @@ def test_bad_input_raises_clear_errors_before_tracing():
         ij.IHT(mse_loss, 4, step_size=np.float32(-1.0))
     with pytest.raises(ValueError, match="tol must be"):
         ij.IHT(mse_loss, 4, tol=-1e-3)
+    with pytest.raises(TypeError, match="tol must be a real number"):
+        ij.IOBS(mse_loss, 4, tol="0.5")
     # NumPy and 0-d array tolerances are accepted and stored as a static float.
     assert isinstance(ij.IOBS(mse_loss, 4, tol=np.float32(1e-5)).tol, float)
