@@ -95,7 +95,7 @@ def setup_problem(
             )
     check_int(k, "k", low=0, high=d)
     try:
-        out = jax.eval_shape(fun, x0, *args)
+        out = jax.eval_shape(lambda x: fun(x, *args), x0)  # args stay as given
     except Exception as err:  # re-raised with a message that says what to fix
         raise ValueError(
             f"{name}: fun(x0, *args) failed for x0 with leaf shapes "
@@ -171,7 +171,20 @@ def finish_update(
 
 
 def run_loop(solver, x0: Any, args: tuple):
-    """``lax.while_loop`` over ``solver.update`` until converged, failed or ``maxiter``."""
+    """``lax.while_loop`` over ``solver.update`` until converged, failed or ``maxiter``.
+
+    With ``solver.jit`` (the default) the loop is compiled once per solver configuration
+    (its static fields, ``fun`` included) and argument shapes and reused: a plain Python
+    loop over instances calling ``run`` pays the compilation once, not on every call.
+    The solver is a pytree, so its array fields (step size, damping) are arguments of the
+    compiled function, not constants baked into it.
+    """
+    if solver.jit:
+        return _run_compiled(solver, x0, *args)
+    return _run(solver, x0, *args)
+
+
+def _run(solver, x0: Any, *args: Any):
     state = solver.init_state(x0, *args)
 
     def cond(carry):
@@ -183,6 +196,9 @@ def run_loop(solver, x0: Any, args: tuple):
         return solver.update(x, state, *args)
 
     return jax.lax.while_loop(cond, body, (x0, state))
+
+
+_run_compiled = jax.jit(_run)
 
 
 def trajectory(solver, x0: Any, *args: Any, num_steps: int):
@@ -215,6 +231,8 @@ def validate_solver_fields(solver, name: str) -> None:
         raise TypeError(f"{name}: fun must be callable fun(x, *args) -> scalar.")
     check_int(solver.k, "k", low=0)
     check_int(solver.maxiter, "maxiter", low=0)
+    if not isinstance(solver.jit, bool):
+        raise TypeError(f"{name}: jit must be True or False; got {solver.jit!r}.")
     # tol is a static (hashable) field of a frozen dataclass: store it as a plain float
     # (the usual __post_init__ idiom for normalizing a frozen field).
     object.__setattr__(solver, "tol", check_tol(solver.tol, f"{name}: tol"))

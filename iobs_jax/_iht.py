@@ -79,7 +79,9 @@ class IHT:
 
     ``k`` counts nonzeros globally over all leaves of a pytree ``x``. ``run`` stops when
     the relative change of ``x`` is ``<= tol`` or after ``maxiter`` updates; see
-    :class:`Status` for how failures are reported.
+    :class:`Status` for how failures are reported. ``jit=True`` (default) compiles
+    ``run`` once per configuration and argument shapes; ``*args`` must then be arrays
+    (or pytrees of arrays). Use ``jit=False`` for a ``fun`` that takes Python values.
 
     Example:
       >>> fun = lambda x, A, y: jnp.mean((A @ x - y) ** 2)
@@ -99,6 +101,7 @@ class IHT:
     refit_steps: int = 1
     cg_tol: float = 1e-6
     cg_maxiter: int | None = None
+    jit: bool = True
 
     def __post_init__(self):
         validate_solver_fields(self, "IHT")

@@ -73,6 +73,9 @@ class IOBS:
     example least squares with fewer samples than unknowns (compressed sensing).
     ``step_size`` and ``damping`` may be arrays (they are pytree leaves of the solver, so
     changing them does not recompile a jitted function that takes the solver).
+    ``jit=True`` (default) compiles ``run`` once per configuration and argument shapes;
+    ``*args`` must then be arrays (or pytrees of arrays); ``jit=False`` for a ``fun``
+    that takes Python values.
 
     Example:
       >>> fun = lambda x, A, y: jnp.mean((A @ x - y) ** 2)
@@ -91,6 +94,7 @@ class IOBS:
     tol: float = 1e-6
     cg_tol: float = 1e-6
     cg_maxiter: int | None = None
+    jit: bool = True
 
     def __post_init__(self):
         validate_solver_fields(self, "IOBS")

@@ -1,5 +1,6 @@
 """Contract suite run over every solver configuration, plus the solver-level oracles."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -100,6 +101,41 @@ def test_no_retrace_on_second_call(name):
     first = len(traces)
     run(jnp.zeros(20), p2.design, p2.observations)[0].block_until_ready()
     assert len(traces) == first
+
+
+@solver_names
+def test_plain_run_compiles_once_per_configuration(name):
+    # No user jit: run() itself is compiled and cached, so a Python loop over instances
+    # (even with a fresh solver object each time) traces fun only on the first call.
+    traces = []
+
+    def counted_loss(x, a, y):
+        traces.append(1)
+        return mse_loss(x, a, y)
+
+    p1, p2 = make_problem(2), make_problem(3)
+    solver = SOLVERS[name](counted_loss, 4)
+    solver.run(jnp.zeros(20), p1.design, p1.observations)
+    first = len(traces)
+    fresh = dataclasses.replace(solver)  # equal settings, same fun: same compiled program
+    x, _ = fresh.run(jnp.zeros(20), p2.design, p2.observations)
+    assert len(traces) == first
+    assert rel_err(x, p2.x_true) < 1e-6
+
+
+def test_jit_false_accepts_python_values_in_args():
+    prob = make_problem(3)
+
+    def scaled_loss(x, a, y, scale):
+        assert isinstance(scale, float)  # a Python value, not a tracer
+        return scale * mse_loss(x, a, y)
+
+    x, state = ij.IOBS(scaled_loss, 4, jit=False).run(
+        jnp.zeros(20), prob.design, prob.observations, 2.0
+    )
+    assert rel_err(x, prob.x_true) < 1e-6
+    with pytest.raises(TypeError, match="jit must be True or False"):
+        ij.IHT(mse_loss, 4, jit="yes")
 
 
 @solver_names
