@@ -80,14 +80,18 @@ def test_jit_equals_no_jit(name):
     prob = make_problem(1)
     solver = SOLVERS[name](mse_loss, 4)
     args = (jnp.zeros(20), prob.design, prob.observations)
-    x_eager, s_eager = solver.run(*args)
+    # jit=False: run() is not wrapped in jit (set-up op by op, the loop as one primitive).
+    x_eager, s_eager = dataclasses.replace(solver, jit=False).run(*args)
     x_jit, s_jit = jax.jit(solver.run)(*args)
     np.testing.assert_allclose(x_jit, x_eager, atol=1e-10)
     assert int(s_jit.iter_num) == int(s_eager.iter_num)
 
 
 @solver_names
-def test_no_retrace_on_second_call(name):
+@pytest.mark.parametrize("how", ["jax.jit(solver.run)", "solver.run"])
+def test_no_retrace_on_second_call(name, how):
+    # Under a user's jit, and for a plain run() (compiled and cached per configuration,
+    # even on a fresh but equal solver object), fun is traced on the first call only.
     traces = []
 
     def counted_loss(x, a, y):
@@ -95,30 +99,14 @@ def test_no_retrace_on_second_call(name):
         return mse_loss(x, a, y)
 
     solver = SOLVERS[name](counted_loss, 4)
-    run = jax.jit(solver.run)
+    if how == "solver.run":
+        first_run, second_run = solver.run, dataclasses.replace(solver).run
+    else:
+        first_run = second_run = jax.jit(solver.run)
     p1, p2 = make_problem(2), make_problem(3)
-    run(jnp.zeros(20), p1.design, p1.observations)[0].block_until_ready()
+    first_run(jnp.zeros(20), p1.design, p1.observations)[0].block_until_ready()
     first = len(traces)
-    run(jnp.zeros(20), p2.design, p2.observations)[0].block_until_ready()
-    assert len(traces) == first
-
-
-@solver_names
-def test_plain_run_compiles_once_per_configuration(name):
-    # No user jit: run() itself is compiled and cached, so a Python loop over instances
-    # (even with a fresh solver object each time) traces fun only on the first call.
-    traces = []
-
-    def counted_loss(x, a, y):
-        traces.append(1)
-        return mse_loss(x, a, y)
-
-    p1, p2 = make_problem(2), make_problem(3)
-    solver = SOLVERS[name](counted_loss, 4)
-    solver.run(jnp.zeros(20), p1.design, p1.observations)
-    first = len(traces)
-    fresh = dataclasses.replace(solver)  # equal settings, same fun: same compiled program
-    x, _ = fresh.run(jnp.zeros(20), p2.design, p2.observations)
+    x, _ = second_run(jnp.zeros(20), p2.design, p2.observations)
     assert len(traces) == first
     assert rel_err(x, p2.x_true) < 1e-6
 
