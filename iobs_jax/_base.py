@@ -239,7 +239,12 @@ def validate_solver_fields(solver, name: str) -> None:
 
 
 def is_checkable(value: Any) -> bool:
-    """Pytree leaves may be placeholders during tree manipulations; check real values only."""
+    """True for a concrete number or array, the only field values worth validating.
+
+    A solver is a pytree, so ``__post_init__`` also runs when JAX rebuilds it with tracers
+    (inside ``jit``/``vmap``) or with the non-array sentinels of its tree utilities; those
+    values cannot be range-checked and are skipped.
+    """
     return isinstance(value, int | float | np.ndarray | np.generic | jax.Array) and is_concrete(
         value
     )
