@@ -2,9 +2,11 @@
 
 The Iterative Optimal Brain Surgeon (I-OBS, Wu et al., NeurIPS 2024) and its family:
 k-sparse projections, the OBS projection and greedy OBS, Hessian-vector-product
-curvature, and IHT / I-OBS solvers that jit, vmap and take pytrees.
+curvature, IHT / I-OBS solvers that jit, vmap and take pytrees, and post-training
+pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS).
 """
 
+from . import mnist
 from ._base import Status, raise_if_failed, trajectory
 from ._curvature import (
     DenseCurvature,
@@ -20,6 +22,7 @@ from ._iht import IHT, IHTState
 from ._iobs import IOBS, IOBSState
 from ._masks import hard_threshold, nm_mask, topk_mask
 from ._obs import greedy_obs, obs_project, obs_project_from_inverse, obs_saliency
+from ._prune import LayerReport, PruneReport, prune
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,8 @@ __all__ = [
     "IHTState",
     "IOBS",
     "IOBSState",
+    "LayerReport",
+    "PruneReport",
     "Status",
     "DenseCurvature",
     "OperatorCurvature",
@@ -37,12 +42,14 @@ __all__ = [
     "hard_threshold",
     "hvp",
     "make_curvature",
+    "mnist",
     "newton_direction",
     "nm_mask",
     "obs_project",
     "obs_project_from_inverse",
     "obs_saliency",
     "power_iteration",
+    "prune",
     "raise_if_failed",
     "topk_mask",
     "trajectory",

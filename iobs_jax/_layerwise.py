@@ -1,0 +1,433 @@
+"""Layer-wise pruning of one linear layer: magnitude, Wanda, SparseGPT, OBC and I-OBS.
+
+For a layer with dense weights ``W0`` of shape ``(rows, cols)`` (rows = outputs) and
+calibration inputs ``X`` (``cols`` features, ``N`` samples) the layer loss is
+
+    L(W) = ||W X - W0 X||_F^2 / N = tr((W - W0) H (W - W0)^T),   H = X X^T / N.
+
+Every row is an independent OBS problem sharing ``H``. All functions here take
+``(W0, H)`` as arrays (float32 or float64), are pure and jit-compatible, and return
+``(W, mask)`` with ``mask`` True on kept weights. The model-level driver is
+:func:`iobs_jax.prune`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+from ._masks import _topk_mask_flat, nm_mask
+from ._obs import greedy_obs_unchecked
+
+# Rows are solved in chunks: a (rows, k, k) batch of gathered blocks does not fit in
+# cache (or memory) for wide layers, and lax.map keeps one compiled body.
+_ROW_CHUNK = 32
+
+
+def damp_hessian(h: jax.Array, damping: float) -> jax.Array:
+    """``H + damping * mean(diag H) * I`` (SparseGPT's relative damping).
+
+    Inputs that are always zero make ``H`` singular (blank MNIST pixels, padded
+    features); relative damping keeps every solve well posed. An all-zero ``H`` gets
+    the identity, so a layer that never saw a non-zero input degrades to magnitude.
+    """
+    mean = jnp.mean(jnp.diagonal(h))
+    lam = jnp.where(mean > 0, damping * mean, 1.0)
+    return h + lam * jnp.eye(h.shape[0], dtype=h.dtype)
+
+
+def layer_loss(w: jax.Array, w0: jax.Array, h: jax.Array) -> jax.Array:
+    """``tr((W - W0) H (W - W0)^T)``: the layer's mean squared output error."""
+    delta = (w - w0).astype(h.dtype)
+    return jnp.sum((delta @ h) * delta)
+
+
+def keep_count(size: int, sparsity: float) -> int:
+    """Number of weights kept out of ``size`` at ``sparsity`` (the pruned count is rounded)."""
+    return size - int(round(sparsity * size))
+
+
+def select_mask(
+    scores: jax.Array, sparsity: float, scope: str, nm: tuple[int, int] | None
+) -> jax.Array:
+    """Keep the largest ``scores`` of a ``(rows, cols)`` layer.
+
+    ``scope="layer"``: one top-k over the whole layer; ``"row"``: the same count in every
+    row; ``nm=(n, m)``: ``n`` of every ``m`` consecutive inputs in each row (``sparsity``
+    is then ``1 - n/m`` and ignored). Ties go to the lower index.
+    """
+    rows, cols = scores.shape
+    if nm is not None:
+        return nm_mask(scores, nm[0], nm[1], axis=1)
+    if scope == "row":
+        k = keep_count(cols, sparsity)
+        return jax.vmap(lambda s: _topk_mask_flat(s, k))(scores)
+    k = keep_count(rows * cols, sparsity)
+    return _topk_mask_flat(scores.reshape(-1), k).reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------- refit
+
+
+def _padded_support(mask_row: jax.Array, size: int):
+    """Indices of the True entries padded to ``size`` and a validity vector."""
+    idx = jnp.nonzero(mask_row, size=size, fill_value=0)[0]
+    valid = jnp.arange(size) < jnp.sum(mask_row)
+    return idx, valid
+
+
+def _gathered_cholesky(a: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
+    """Cholesky of ``a[idx][:, idx]`` with padded slots replaced by the identity."""
+    v = valid.astype(a.dtype)
+    block = a[idx[:, None], idx[None, :]] * v[:, None] * v[None, :]
+    return jnp.linalg.cholesky(block + jnp.diag(1.0 - v))
+
+
+def _refit_kept(h, target, mask, size, with_diag):
+    """Q-form: ``w_Q = t_Q + H_QQ^{-1} (H (t * (1 - m)))_Q`` (correction form)."""
+
+    def one(t, m):
+        idx, valid = _padded_support(m, size)
+        chol = _gathered_cholesky(h, idx, valid)
+        rhs = (h @ jnp.where(m, 0.0, t))[idx] * valid
+        z = cho_solve((chol, True), rhs) * valid
+        w = jnp.where(m, t, 0.0).at[idx].add(z * valid)
+        if not with_diag:
+            return w, jnp.zeros_like(t)
+        # diag((H_QQ)^{-1}) for the next round's saliencies.
+        linv = solve_triangular(chol, jnp.eye(size, dtype=h.dtype), lower=True)
+        gdiag = jnp.zeros_like(t).at[idx].add(jnp.sum(linv**2, axis=0) * valid)
+        return w, gdiag
+
+    return one
+
+
+def _refit_removed(g, target, mask, size, with_diag):
+    """P-form: ``w = t - G[:, P] (G_PP)^{-1} t_P`` with ``G = H^{-1}``."""
+
+    def one(t, m):
+        idx, valid = _padded_support(~m, size)
+        chol = _gathered_cholesky(g, idx, valid)
+        y = cho_solve((chol, True), t[idx] * valid) * valid
+        gp = g[:, idx] * valid[None, :]
+        w = jnp.where(m, t - gp @ y, 0.0)
+        if not with_diag:
+            return w, jnp.zeros_like(t)
+        # diag of the inverse restricted to the support (Schur complement):
+        # G_ii - G_iP (G_PP)^{-1} G_Pi.
+        half = solve_triangular(chol, gp.T, lower=True)
+        gdiag = jnp.where(m, jnp.diagonal(g) - jnp.sum(half**2, axis=0), 0.0)
+        return w, gdiag
+
+    return one
+
+
+def refit(
+    target: jax.Array,
+    mask: jax.Array,
+    h: jax.Array,
+    g: jax.Array | None = None,
+    with_diag: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row OBS projection of ``target`` onto ``mask`` under the metric ``H``.
+
+    Row ``r`` solves ``min_w (w - t_r)^T H (w - t_r)`` subject to ``w = 0`` off
+    ``mask[r]``; with ``t = W0`` this is the exact least-squares refit of the layer on
+    the support. Each row's system is gathered and factored by Cholesky, batched over
+    rows in chunks; the smaller of the kept block ``H_QQ`` and the removed block
+    ``G_PP`` (``G = H^{-1}``) is factored, so the cost is
+    ``rows * min(|Q|, |P|)^3 / 3``.
+
+    Args:
+      target: ``(rows, cols)``.
+      mask: ``(rows, cols)`` bool, True = kept.
+      h: ``(cols, cols)`` damped (positive definite) Hessian.
+      g: its inverse, if already computed (needed for the removed form).
+      with_diag: also return the restricted inverse diagonals (extra cost).
+
+    Returns:
+      ``(w, gdiag)``: the projected weights (exact zeros off the mask) and, if asked, for every
+      kept weight, the diagonal of the inverse Hessian restricted to its row's support
+      (``diag((H_QQ)^{-1})``, zero off the mask): the OBS saliency denominators of the
+      next pruning round.
+    """
+    cols = h.shape[0]
+    counts = jnp.sum(mask, axis=1)
+    # Concrete sizes pick the form and the padding; under a trace fall back to the worst
+    # case (the kept form padded to the full width).
+    try:
+        kmax = int(jnp.max(counts))
+        pmax = cols - int(jnp.min(counts))
+    except jax.errors.ConcretizationTypeError:
+        kmax, pmax = cols, cols + 1
+    if pmax == 0:
+        g = jnp.linalg.inv(h) if g is None else g
+        return target, jnp.broadcast_to(jnp.diagonal(g), target.shape)
+    if kmax == 0:
+        return jnp.zeros_like(target), jnp.zeros_like(target)
+    if pmax < kmax:
+        g = _inverse(h) if g is None else g
+        return _refit_rows(g, target, mask, _bucket(pmax, cols), True, with_diag)
+    return _refit_rows(h, target, mask, _bucket(kmax, cols), False, with_diag)
+
+
+def _bucket(size: int, cols: int) -> int:
+    # Round padded sizes up so successive calls reuse a few compiled shapes.
+    return min(cols, -(-size // 16) * 16)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "removed_form", "with_diag"))
+def _refit_rows(a, target, mask, size, removed_form, with_diag):
+    make = _refit_removed if removed_form else _refit_kept
+    one = make(a, target, mask, size, with_diag)
+    return lax.map(lambda tm: one(*tm), (target, mask), batch_size=_ROW_CHUNK)
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter",))
+def refit_cg(target, mask, h, g, tol=1e-4, maxiter=100):
+    """:func:`refit` by preconditioned CG on all rows at once (matrix-multiply bound).
+
+    Solves ``H_QQ delta_Q = (H (t * (1 - m)))_Q`` for every row simultaneously with the
+    masked operator ``Z -> ((Z * M) @ H) * M`` and the preconditioner
+    ``R -> ((R * M) @ G) * M`` (``G_QQ``, exact when nothing is pruned; on MNIST layers it
+    reaches the exact refit's loss to 1e-3 in about 20 iterations at 50% sparsity,
+    against hundreds for Jacobi). Stops when every row's preconditioned residual norm is
+    below ``tol`` times its initial value in total over rows, or after ``maxiter`` iterations. Each
+    iteration is two ``(rows, cols) @ (cols, cols)`` products: no per-row gathers or
+    factorizations, which on CPU cost ~10x more than the products for the same answer.
+
+    Returns ``(w, iterations)``.
+    """
+    m = mask.astype(h.dtype)
+    t = target.astype(h.dtype)
+
+    def op(z):
+        return ((z * m) @ h) * m
+
+    def prec(r):
+        return ((r * m) @ g) * m
+
+    def rowdot(a, b):
+        return jnp.sum(a * b, axis=1, keepdims=True)
+
+    b = ((t * (1.0 - m)) @ h) * m
+    z = prec(b)
+    rz = rowdot(b, z)
+    # One criterion for the layer: the loss is a sum over rows, so rows with a tiny
+    # right-hand side need not be solved to the same relative accuracy as the others.
+    stop = (tol**2) * jnp.sum(rz)
+    tiny = jnp.finfo(h.dtype).tiny
+
+    def cond(carry):
+        _, _, _, rz, it = carry
+        return (it < maxiter) & (jnp.sum(rz) > stop)
+
+    def body(carry):
+        x, r, p, rz, it = carry
+        ap = op(p)
+        alpha = rz / jnp.maximum(rowdot(p, ap), tiny)
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = prec(r)
+        rz_new = rowdot(r, z)
+        p = z + (rz_new / jnp.maximum(rz, tiny)) * p
+        return x, r, p, rz_new, it + 1
+
+    init = (jnp.zeros_like(t), b, z, rz, jnp.zeros((), jnp.int32))
+    x, _, _, _, it = lax.while_loop(cond, body, init)
+    return (t * m + x * m).astype(target.dtype), it
+
+
+@jax.jit
+def _inverse(h: jax.Array) -> jax.Array:
+    chol = jnp.linalg.cholesky(h)
+    return cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
+
+
+# ----------------------------------------------------------------------- methods
+
+
+def magnitude(w0, h, sparsity, scope="layer", nm=None):
+    """Keep the largest ``|w|`` (no compensation)."""
+    del h
+    mask = select_mask(jnp.abs(w0), sparsity, scope, nm)
+    return jnp.where(mask, w0, 0.0), mask
+
+
+def wanda(w0, h, sparsity, scope="row", nm=None):
+    """Wanda: keep the largest ``|w_ij| * ||x_j||`` (per output row by default)."""
+    scores = jnp.abs(w0) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]
+    mask = select_mask(scores, sparsity, scope, nm)
+    return jnp.where(mask, w0, 0.0), mask
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "nm", "blocksize"))
+def sparsegpt(w0, h, sparsity, nm=None, blocksize=128, mask=None):
+    """SparseGPT (Frantar & Alistarh 2023): blocked OBS with lazy updates.
+
+    With ``U`` the upper Cholesky factor of ``G = H^{-1}`` (``G = U^T U``), columns are
+    processed left to right; inside a block of ``blocksize`` columns the mask is chosen
+    by ``w^2 / U_jj^2`` over the block (all rows together; for N:M every ``m`` columns
+    per row), and pruning column ``j`` applies ``W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:]``.
+    Updates to the columns right of the block are applied once per block (one matmul).
+    ``mask`` fixes the support (then the result does not depend on ``blocksize``).
+    """
+    rows, cols = w0.shape
+    u = jnp.linalg.cholesky(_inverse(h)).T  # upper: G = U^T U
+    fixed = mask is not None
+    nblocks = math.ceil(cols / blocksize)
+    w = w0
+    masks = []
+    for b in range(nblocks):
+        i1, i2 = b * blocksize, min(cols, (b + 1) * blocksize)
+        ub = u[i1:i2, i1:i2]
+        wb = w[:, i1:i2]
+        if fixed:
+            mb = mask[:, i1:i2]
+        elif nm is None:
+            score = wb**2 / jnp.diagonal(ub)[None, :] ** 2
+            k = keep_count(score.size, sparsity)
+            mb = _topk_mask_flat(score.reshape(-1), k).reshape(score.shape)
+        else:
+            mb = jnp.ones_like(wb, dtype=bool)  # chosen inside the column loop
+        qb, errb, mb = _sparsegpt_block(wb, ub, mb, nm if not fixed else None)
+        masks.append(mb)
+        w = w.at[:, i1:i2].set(qb)
+        if i2 < cols:
+            w = w.at[:, i2:].add(-errb @ u[i1:i2, i2:])
+    return w, jnp.concatenate(masks, axis=1)
+
+
+def _sparsegpt_block(wb, ub, mb, nm):
+    width = wb.shape[1]
+
+    def body(i, carry):
+        wb, mb, errb = carry
+        if nm is not None:
+            n, m = nm
+
+            def choose(mb):
+                cols = lax.dynamic_slice_in_dim(wb, i, m, axis=1)
+                d = lax.dynamic_slice_in_dim(jnp.diagonal(ub), i, m)
+                keep = nm_mask(cols**2 / d[None, :] ** 2, n, m, axis=1)
+                return lax.dynamic_update_slice_in_dim(mb, keep, i, axis=1)
+
+            mb = lax.cond(i % m == 0, choose, lambda mb: mb, mb)
+        col = wb[:, i]
+        keep = mb[:, i]
+        q = jnp.where(keep, col, 0.0)
+        err = (col - q) / ub[i, i]
+        # U is upper triangular, so this only touches columns >= i.
+        wb = wb - err[:, None] * ub[i][None, :]
+        wb = wb.at[:, i].set(q)
+        errb = errb.at[:, i].set(err)
+        return wb, mb, errb
+
+    wb, mb, errb = lax.fori_loop(0, width, body, (wb, mb, jnp.zeros_like(wb)))
+    return wb, errb, mb
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity",))
+def obc(w0, h, sparsity):
+    """Exact greedy OBS per row (OBC, Frantar et al. 2022): the quality reference.
+
+    Every row removes its ``cols - k`` least salient weights one at a time with rank-one
+    updates of its own inverse Hessian: ``O(rows * cols^3)`` time.
+    """
+    cols = w0.shape[1]
+    k = keep_count(cols, sparsity)
+    g = _inverse(h)
+
+    def one(t):
+        return greedy_obs_unchecked(t, g, k, safeguard=False)
+
+    return lax.map(one, w0, batch_size=_ROW_CHUNK)
+
+
+def iobs(
+    w0,
+    h,
+    sparsity,
+    scope="layer",
+    nm=None,
+    rounds=1,
+    iterations=1,
+    step_size=1.0,
+    h_val=None,
+    solver="cg",
+    cg_tol=1e-3,
+    cg_maxiter=200,
+):
+    """I-OBS for one layer: Newton-like step, OBS-saliency mask, exact OBS refit.
+
+    For this loss ``H^{-1} grad L(W_t) = W_t - W0``, so one I-OBS iteration is
+
+        W~ = W_t - eta (W_t - W0),   mask = top-k of W~^2 / diag(G),
+        W_{t+1} = per-row OBS projection of W~ onto mask under H   (:func:`refit`).
+
+    From the dense start with ``eta = 1`` the step lands on ``W0`` and one iteration is
+    "whole-layer saliency + exact refit". ``rounds > 1`` reaches the final support in
+    several rounds (kept fraction shrinking geometrically); each later round ranks the
+    kept weights by ``w^2 / [(H_QQ)^{-1}]_jj``, the inverse restricted to the row's current
+    support, which approaches OBC's greedy order at a few batched solves' cost.
+    ``iterations > 1`` repeats the step from the sparse iterate; with ``h_val`` (the
+    Hessian of held-out calibration inputs) the iterate with the lowest held-out loss is
+    returned, otherwise the last one.
+
+    ``solver="cg"`` projects with :func:`refit_cg` (default: fast, loss within about
+    ``cg_tol`` of exact); ``"cholesky"`` with the exact batched :func:`refit`.
+    """
+
+    def project(target, mask):
+        if solver == "cholesky":
+            return refit(target, mask, h, g)[0]
+        return refit_cg(target, mask, h, g, cg_tol, cg_maxiter)[0]
+
+    rows, cols = w0.shape
+    g = _inverse(h)
+    gdiag0 = jnp.broadcast_to(jnp.diagonal(g), w0.shape)
+    w_t = w0
+    best = None
+    for _ in range(iterations):
+        target = w_t - step_size * (w_t - w0)
+        if nm is not None:
+            mask = select_mask(target**2 / gdiag0, sparsity, scope, nm)
+        else:
+            mask = _rounds(target, h, g, gdiag0, sparsity, scope, rounds)
+        w_t = project(target, mask)
+        if h_val is not None:
+            val = layer_loss(w_t, w0, h_val)
+            if best is None or val < best[0]:
+                best = (val, w_t, mask)
+    if best is not None:
+        return best[1], best[2]
+    return w_t, mask
+
+
+def _rounds(target, h, g, gdiag, sparsity, scope, rounds):
+    """The final mask, reached in ``rounds`` shrinking supports (projection left to caller)."""
+    keep = 1.0 - sparsity
+    current = jnp.ones(target.shape, bool)
+    w = target
+    for r in range(1, rounds + 1):
+        round_sparsity = 1.0 - keep ** (r / rounds)
+        scores = jnp.where(current, w**2 / jnp.where(current, gdiag, 1.0), -jnp.inf)
+        current = select_mask(scores, round_sparsity, scope, None)
+        if r < rounds:
+            w, gdiag = refit(target, current, h, g, with_diag=True)
+    return current
+
+
+METHODS = {
+    "magnitude": magnitude,
+    "wanda": wanda,
+    "sparsegpt": sparsegpt,
+    "obc": obc,
+    "iobs": iobs,
+}
+

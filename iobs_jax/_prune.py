@@ -1,0 +1,594 @@
+"""``iobs_jax.prune``: one call to prune every linear layer of a Flax model.
+
+The driver finds the prunable layers by tracing the model once, captures each layer's
+inputs on the calibration batches (Linen: ``nn.intercept_methods``; NNX: the layer
+classes' ``__call__`` wrapped for the duration of the call), accumulates
+``H = X X^T / N`` per layer, and hands ``(W0, H)`` to the layer-wise methods of
+:mod:`iobs_jax._layerwise`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx, traverse_util
+from flax.core import FrozenDict
+
+from . import _layers
+from . import _layerwise as lw
+from ._validation import check_choice
+
+_METHOD_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": None, "obc": "row",
+                 "iobs": "layer"}
+
+
+class LayerReport(NamedTuple):
+    """What happened to one layer.
+
+    ``loss_masked`` is the layer loss of the dense weights with the mask applied (no
+    compensation), ``loss`` the loss of the returned weights; both are
+    ``||W X - W0 X||^2 / N`` over the layer's calibration inputs, and
+    ``output_energy = ||W0 X||^2 / N`` puts them on a scale.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    sparsity: float
+    loss_masked: float
+    loss: float
+    output_energy: float
+    time_s: float
+
+
+class PruneReport(NamedTuple):
+    """Returned by :func:`prune` next to the pruned parameters."""
+
+    method: str
+    layers: list[LayerReport]
+    masks: Any  # pytree like params: bool, True = kept (all True on untouched leaves)
+    time_s: float
+
+    @property
+    def total_loss(self) -> float:
+        return float(sum(r.loss for r in self.layers))
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over the pruned layers' kernels."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / max(total, 1)
+
+    def summary(self) -> str:
+        head = f"{'layer':<32} {'shape':>12} {'sparsity':>8} {'masked':>10} {'loss':>10} {'s':>6}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<32} {str(r.shape):>12} {r.sparsity:8.3f} "
+                f"{r.loss_masked / max(r.output_energy, 1e-30):10.3e} "
+                f"{r.loss / max(r.output_energy, 1e-30):10.3e} {r.time_s:6.2f}"
+            )
+        lines.append(f"{self.method}: total layer loss {self.total_loss:.4e}, "
+                     f"sparsity {self.sparsity:.3f}, {self.time_s:.2f} s "
+                     "(losses relative to each layer's output energy)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ capture
+
+
+class _Skipped(NamedTuple):
+    """A recognised layer whose configuration cannot be pruned (and why)."""
+
+    path: tuple
+    why: str
+
+
+class _Linen:
+    """Feeds batches to a Linen module and reports its prunable layers' inputs."""
+
+    def __init__(self, model, variables, apply_kwargs):
+        self.model, self.variables, self.apply_kwargs = model, variables, apply_kwargs
+
+    def forward(self, params, args, kwargs, record):
+        def interceptor(next_fun, a, kw, context):
+            module = context.module
+            if context.method_name == "__call__" and a:
+                spec = _linen_spec(module, a[0])
+                if spec is not None:
+                    record(spec, a[0])
+            return next_fun(*a, **kw)
+
+        with nn.intercept_methods(interceptor):
+            return self.model.apply(
+                {**self.variables, "params": params}, *args, **kwargs, **self.apply_kwargs
+            )
+
+
+def _linen_spec(module, x):
+    path = tuple(module.path)
+    kernel = module.scope.get_variable("params", "kernel") if module.scope else None
+    if kernel is None:
+        return None
+    shape = tuple(np.shape(kernel))
+    try:
+        if isinstance(module, nn.Dense):
+            return _layers.dense_spec(path, shape)
+        if isinstance(module, nn.DenseGeneral):
+            return _layers.dense_general_spec(
+                path, shape, module.axis, np.ndim(x), module.batch_dims
+            )
+        if isinstance(module, nn.Conv):
+            return _layers.conv_spec(path, shape, module)
+    except _layers.Unsupported as err:
+        return _Skipped(path, str(err))
+    return None
+
+
+class _NNX:
+    """The same for an NNX module: split once, merge per forward, wrap layer calls."""
+
+    _TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+
+    def __init__(self, module, apply_kwargs):
+        self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
+        self.apply_kwargs = apply_kwargs
+
+    def forward(self, params, args, kwargs, record):
+        module = nnx.merge(self.graphdef, self._state(params), self.rest)
+        paths = {id(m): tuple(path) for path, m in nnx.iter_modules(module)}
+
+        originals = {cls: cls.__call__ for cls in self._TYPES}
+
+        def wrap(cls):
+            original = originals[cls]
+
+            def call(self_, x, *a, **kw):
+                spec = _nnx_spec(self_, paths.get(id(self_), ()), x)
+                if spec is not None:
+                    record(spec, x)
+                return original(self_, x, *a, **kw)
+
+            return call
+
+        try:
+            for cls in self._TYPES:
+                cls.__call__ = wrap(cls)
+            return module(*args, **kwargs, **self.apply_kwargs)
+        finally:
+            for cls, original in originals.items():
+                cls.__call__ = original
+
+    def pure_params(self):
+        return nnx.to_pure_dict(self.params)
+
+    def _state(self, pure):
+        state = jax.tree.map(lambda v: v, self.params)  # a copy: never mutate the caller's
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+
+
+def _nnx_spec(module, path, x):
+    shape = tuple(np.shape(module.kernel.get_value()))
+    try:
+        if isinstance(module, nnx.Linear):
+            return _layers.dense_spec(path, shape)
+        if isinstance(module, nnx.LinearGeneral):
+            if module.batch_axis:
+                raise _layers.Unsupported("LinearGeneral with batch_axis")
+            return _layers.dense_general_spec(path, shape, module.axis, np.ndim(x))
+        return _layers.conv_spec(path, shape, module)
+    except _layers.Unsupported as err:
+        return _Skipped(path, str(err))
+
+
+def _split_batch(batch):
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def _discover(adapter, params, batch):
+    """Prunable layers in call order, grouped by identical inputs (q/k/v share one)."""
+    found: dict[tuple, Any] = {}
+    groups: list[list[tuple]] = []
+    seen_inputs: dict[int, int] = {}
+    keep_alive = []
+    unsupported: dict[tuple, str] = {}
+
+    def record(spec, x):
+        if isinstance(spec, _Skipped):
+            unsupported[spec.path] = spec.why
+            return
+        if spec.path in found:
+            return
+        found[spec.path] = spec
+        keep_alive.append(x)
+        if id(x) in seen_inputs:
+            groups[seen_inputs[id(x)]].append(spec.path)
+        else:
+            seen_inputs[id(x)] = len(groups)
+            groups.append([spec.path])
+
+    args, kwargs = _split_batch(batch)
+    try:
+        jax.eval_shape(lambda p, a, k: adapter.forward(p, a, k, record), params, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the option named
+        raise ValueError(
+            f"calib_batches: the first calibration batch could not be fed to the model "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Each batch "
+            f"must be what model.apply / module(...) accepts: an array, a tuple of "
+            f"positional arguments, or a dict of keyword arguments."
+        ) from err
+    return found, groups, unsupported
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def _make_stats(adapter, specs: list, dtype):
+    """Jitted ``(params, batch) -> {path: (X^T X, samples, all finite)}`` for ``specs``."""
+    wanted = {s.path: s for s in specs}
+
+    @jax.jit
+    def stats(params, args, kwargs):
+        captured: dict[tuple, list] = {p: [] for p in wanted}
+
+        def record(spec, x):
+            if not isinstance(spec, _Skipped) and spec.path in wanted:
+                captured[spec.path].append(x)
+
+        # Outputs are discarded: XLA drops everything downstream of the last capture.
+        adapter.forward(params, args, kwargs, record)
+        out = {}
+        for path, xs in captured.items():
+            mats = [_layers.inputs_matrix(wanted[path], x).astype(dtype) for x in xs]
+            x = jnp.concatenate(mats, axis=0)
+            out[path] = (x.T @ x, x.shape[0], jnp.all(jnp.isfinite(x)))
+        return out
+
+    return stats
+
+
+def _accumulate(stats, params, batches, specs, dtype):
+    totals = {s.path: [jnp.zeros((s.shape[1],) * 2, dtype), 0] for s in specs}
+    for batch in batches:
+        args, kwargs = _split_batch(batch)
+        for path, (xtx, n, finite) in stats(params, args, kwargs).items():
+            if not bool(finite):
+                name = "/".join(map(str, path))
+                raise ValueError(
+                    f"non-finite activations at the input of layer {name}: check "
+                    f"the calibration data and the layers before it."
+                )
+            totals[path][0] = totals[path][0] + xtx
+            totals[path][1] += int(n)
+    return {p: h / max(n, 1) for p, (h, n) in totals.items()}
+
+
+# ------------------------------------------------------------------ public API
+
+
+def prune(
+    model: Any,
+    params: Any,
+    calib_batches: Iterable[Any] | None = None,
+    *,
+    sparsity: float | None = None,
+    method: str = "iobs",
+    pattern: str | tuple[int, int] | None = None,
+    scope: str | None = None,
+    filter: Callable[[str, tuple], bool] | str | None = None,  # noqa: A002
+    sequential: bool = True,
+    damping: float = 0.01,
+    hessian_dtype: Any = jnp.float32,
+    blocksize: int = 128,
+    rounds: int = 1,
+    iterations: int = 1,
+    step_size: float = 1.0,
+    holdout_batches: int = 0,
+    variables: dict | None = None,
+    apply_kwargs: dict | None = None,
+    verbose: bool = False,
+):
+    """Prune the linear layers of a Flax model with calibration data.
+
+    Linen: ``pruned_params, report = prune(model, params, calib_batches, sparsity=0.5)``
+    with ``params`` the ``"params"`` collection. NNX:
+    ``pruned_module, report = prune(module, calib_batches, sparsity=0.5)`` (a new module;
+    the input module is not modified).
+
+    For every selected layer with dense weights ``W0`` and calibration inputs ``X``
+    (convolutions unfolded into patches) the layer loss ``||W X - W0 X||^2 / N`` is
+    minimized over ``W`` with the requested sparsity, using ``H = X X^T / N`` damped by
+    ``damping * mean(diag H)``. With ``sequential=True`` (default) each layer's ``X``
+    comes from the model whose earlier layers are already pruned; otherwise all layers
+    use the dense model's activations (one pass, faster).
+
+    Methods: ``"magnitude"``; ``"wanda"`` (``|w| * ||x||``, per row); ``"sparsegpt"``
+    (blocked, lazy updates, ``blocksize``); ``"obc"`` (exact greedy OBS per row,
+    ``O(rows * cols^3)``: small layers only); ``"iobs"`` (default: Newton-like step,
+    OBS-saliency mask ``w^2 / [H^{-1}]_jj`` over the layer (``scope="layer"``) or per
+    row (``"row"``), exact OBS refit on the support; ``rounds > 1`` reaches the support
+    in rounds with saliencies from the inverse restricted to the current support;
+    ``iterations > 1`` repeats the step with ``step_size`` and keeps the iterate with the
+    lowest loss on the last ``holdout_batches`` batches).
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      params: Linen ``"params"`` collection (for NNX pass the batches here).
+      calib_batches: iterable of batches: an array, a tuple of positional arguments or a
+        dict of keyword arguments for ``model.apply`` (kept in memory: several passes).
+      sparsity: fraction of weights removed per layer, in ``[0, 1)``; default 0.5.
+      pattern: ``None`` (unstructured) or ``"n:m"`` (e.g. ``"2:4"``): ``n`` kept in every
+        ``m`` consecutive inputs of each output.
+      scope: ``"layer"``, ``"row"`` or ``"global"`` (one threshold across layers on the
+        method's score, then each layer pruned at its allocated sparsity); default per
+        method (layer for magnitude and iobs, row for wanda and obc).
+      filter: which layers to prune: a callable ``(name, kernel_shape) -> bool`` or a
+        regular expression searched in the layer name (``"Dense_0/..."``). Default: all
+        Dense, DenseGeneral and Conv layers (NNX: Linear, LinearGeneral, Conv).
+      hessian_dtype: ``jnp.float32`` or ``jnp.float64`` (needs ``jax_enable_x64``).
+      variables: other Linen collections (e.g. ``{"batch_stats": ...}``).
+      apply_kwargs: extra keyword arguments of every forward call (e.g. ``train=False``).
+
+    Returns:
+      ``(pruned, report)``: parameters with the same structure and dtypes (NNX: a new
+      module) and a :class:`PruneReport` (per-layer losses and times, masks).
+
+    Example:
+      >>> pruned, report = prune(model, params, [x_calib], sparsity=0.5)  # doctest: +SKIP
+      >>> print(report.summary())  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    is_nnx = isinstance(model, nnx.Module)
+    if is_nnx:
+        if calib_batches is not None:
+            raise TypeError(
+                "prune(module, calib_batches, ...): an NNX module carries its own "
+                "parameters; pass the calibration batches as the second argument."
+            )
+        calib_batches, adapter = params, _NNX(model, dict(apply_kwargs or {}))
+        params = adapter.pure_params()
+    elif isinstance(model, nn.Module):
+        adapter = _Linen(model, dict(variables or {}), dict(apply_kwargs or {}))
+    else:
+        raise TypeError(f"model must be a flax.linen or flax.nnx Module; got {type(model)}.")
+    opts = _check_options(method, sparsity, pattern, scope, damping, hessian_dtype, rounds,
+                          iterations, blocksize, holdout_batches)
+    method, sparsity, nm, scope, dtype = opts
+    batches = _check_batches(calib_batches, holdout_batches)
+    frozen = isinstance(params, FrozenDict)
+    flat = traverse_util.flatten_dict(dict(params) if frozen else params)
+
+    found, groups, unsupported = _discover(adapter, params, batches[0])
+    chosen = _select(found, filter, unsupported)
+    cal = batches[: len(batches) - holdout_batches]
+    val = batches[len(batches) - holdout_batches :]
+    stats = _make_stats(adapter, [found[p] for p in chosen], dtype)
+
+    dense_h = None
+    if not sequential or scope == "global":
+        dense_h = _accumulate(stats, params, cal, [found[p] for p in chosen], dtype)
+    per_layer = {p: sparsity for p in chosen}
+    if scope == "global":
+        per_layer = _allocate(found, chosen, flat, dense_h, sparsity, method, damping)
+
+    reports, masks = [], {}
+    for group in groups:
+        todo = [p for p in group if p in chosen]
+        if not todo:
+            continue
+        params_now = traverse_util.unflatten_dict(flat)
+        specs = [found[p] for p in todo]
+        group_stats = _make_stats(adapter, specs, dtype) if sequential else None
+        if sequential:
+            hs = _accumulate(group_stats, params_now, cal, specs, dtype)
+        else:
+            hs = {p: dense_h[p] for p in todo}
+        hv = _accumulate(group_stats or stats, params_now, val, specs, dtype) if val else {}
+        for path in todo:
+            t0 = time.perf_counter()
+            spec = found[path]
+            kernel = flat[path + ("kernel",)]
+            w0 = _layers.kernel_to_matrix(spec, jnp.asarray(kernel)).astype(dtype)
+            h = hs[path]
+            w, mask = _run_method(
+                method, w0, h, per_layer[path], nm, scope, damping, blocksize, rounds,
+                iterations, step_size, hv.get(path), spec.name,
+            )
+            flat[path + ("kernel",)] = _layers.matrix_to_kernel(spec, w).astype(kernel.dtype)
+            masks[path + ("kernel",)] = _layers.matrix_to_kernel(spec, mask)
+            reports.append(_report(spec, w0, w, mask, h, time.perf_counter() - t0))
+            if verbose:
+                print(f"pruned {spec.name} {spec.shape}: loss {reports[-1].loss:.4e}")
+
+    out = traverse_util.unflatten_dict(flat)
+    mask_tree = traverse_util.unflatten_dict(
+        {k: masks.get(k, jnp.ones(np.shape(v), bool)) for k, v in flat.items()}
+    )
+    if frozen:
+        out, mask_tree = FrozenDict(out), FrozenDict(mask_tree)
+    report = PruneReport(method, reports, mask_tree, time.perf_counter() - start)
+    if is_nnx:
+        return nnx.merge(adapter.graphdef, adapter._state(out), adapter.rest), report
+    return out, report
+
+
+def _run_method(method, w0, h, sparsity, nm, scope, damping, blocksize, rounds, iterations,
+                step_size, h_val, name):
+    hd = lw.damp_hessian(h, damping)
+    rows, cols = w0.shape
+    if nm is not None and cols % nm[1]:
+        raise ValueError(
+            f"pattern {nm[0]}:{nm[1]}: layer {name} has {cols} inputs, not a multiple of "
+            f"{nm[1]}; exclude it with filter=..."
+        )
+    if method == "magnitude":
+        return lw.magnitude(w0, hd, sparsity, scope, nm)
+    if method == "wanda":
+        return lw.wanda(w0, h, sparsity, scope, nm)
+    if method == "sparsegpt":
+        return lw.sparsegpt(w0, hd, sparsity, nm, min(blocksize, cols))
+    if method == "obc":
+        if cols > 1024:
+            warnings.warn(
+                f"obc on layer {name} with {cols} inputs: exact greedy OBS costs "
+                f"O(rows * cols^3) = {rows * cols**3:.1e} operations; consider "
+                f"method='iobs' with rounds>1.",
+                stacklevel=3,
+            )
+        return lw.obc(w0, hd, sparsity)
+    return lw.iobs(
+        w0, hd, sparsity, scope, nm, rounds=rounds, iterations=iterations,
+        step_size=step_size, h_val=h_val,
+    )
+
+
+def _report(spec, w0, w, mask, h, seconds):
+    masked = jnp.where(mask, w0, 0.0)
+    return LayerReport(
+        spec.name, spec.kind, spec.shape, float(1.0 - jnp.mean(mask)),
+        float(lw.layer_loss(masked, w0, h)), float(lw.layer_loss(w, w0, h)),
+        float(lw.layer_loss(jnp.zeros_like(w0), w0, h)), seconds,
+    )
+
+
+def _allocate(found, chosen, flat, dense_h, sparsity, method, damping):
+    """Per-layer sparsities from one global threshold on the method's scores."""
+    scores = []
+    for path in chosen:
+        spec = found[path]
+        w0 = _layers.kernel_to_matrix(spec, jnp.asarray(flat[path + ("kernel",)]))
+        w0 = w0.astype(dense_h[path].dtype)
+        h = dense_h[path]
+        if method == "magnitude":
+            s = jnp.abs(w0)
+        elif method == "wanda":
+            s = jnp.abs(w0) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))
+        else:  # OBS saliency: the increase of this layer's loss
+            g = lw._inverse(lw.damp_hessian(h, damping))
+            s = w0**2 / jnp.diagonal(g)[None, :]
+        scores.append(np.asarray(s, np.float64).ravel())
+    allsc = np.concatenate(scores)
+    k = lw.keep_count(allsc.size, sparsity)
+    order = np.argsort(-allsc, kind="stable")
+    kept = np.zeros(allsc.size, bool)
+    kept[order[:k]] = True
+    out, start = {}, 0
+    for path, s in zip(chosen, scores, strict=True):
+        out[path] = float(1.0 - kept[start : start + s.size].mean())
+        start += s.size
+    return out
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _check_options(method, sparsity, pattern, scope, damping, dtype, rounds, iterations,
+                   blocksize, holdout):
+    method = check_choice(method, "method", tuple(lw.METHODS))
+    nm = None
+    if pattern is not None and pattern != "unstructured":
+        nm = _parse_pattern(pattern)
+        implied = 1.0 - nm[0] / nm[1]
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"sparsity={sparsity} contradicts pattern {nm[0]}:{nm[1]} (which removes "
+                f"{implied:.3g}); pass only the pattern."
+            )
+        if method == "obc":
+            raise ValueError("method='obc' prunes unstructured rows; use 'iobs' or "
+                             "'sparsegpt' for N:M patterns.")
+        sparsity = implied
+    if sparsity is None:
+        sparsity = 0.5
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
+        0.0 <= float(sparsity) < 1.0
+    ):
+        raise ValueError(f"sparsity must be a number in [0, 1); got {sparsity!r}.")
+    if scope is None:
+        scope = _METHOD_SCOPE[method] or "layer"
+    scope = check_choice(scope, "scope", ("layer", "row", "global"))
+    if nm is not None and scope == "global":
+        raise ValueError("scope='global' needs an unstructured pattern.")
+    if method == "obc" and scope == "layer":
+        raise ValueError("method='obc' prunes each row to the same sparsity; use "
+                         "scope='row' or 'global'.")
+    if not (isinstance(damping, (int, float)) and np.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0; got {damping!r}.")
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"hessian_dtype must be float32 or float64; got {dtype}.")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("hessian_dtype=float64 needs jax.config.update('jax_enable_x64', True).")
+    for name, value, low in (("rounds", rounds, 1), ("iterations", iterations, 1),
+                             ("blocksize", blocksize, 1), ("holdout_batches", holdout, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
+    return method, float(sparsity), nm, scope, dtype
+
+
+def _parse_pattern(pattern):
+    if isinstance(pattern, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+        if not match:
+            raise ValueError(f"pattern must be 'unstructured' or 'n:m' like '2:4'; got "
+                             f"{pattern!r}.")
+        n, m = int(match.group(1)), int(match.group(2))
+    else:
+        n, m = (int(v) for v in pattern)
+    if not 0 < n < m:
+        raise ValueError(f"pattern n:m needs 0 < n < m; got {n}:{m}.")
+    return n, m
+
+
+def _check_batches(calib_batches, holdout):
+    if calib_batches is None:
+        raise ValueError("calib_batches is required: an iterable of model inputs.")
+    if isinstance(calib_batches, (jax.Array, np.ndarray)):
+        calib_batches = [calib_batches]
+    batches = list(calib_batches)
+    if len(batches) <= holdout:
+        raise ValueError(
+            f"calib_batches has {len(batches)} batch(es); need more than "
+            f"holdout_batches={holdout}."
+        )
+    for i, batch in enumerate(batches):
+        for leaf in jax.tree.leaves(batch):
+            arr = np.asarray(leaf)
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise ValueError(f"calib_batches[{i}] contains NaN or inf.")
+    return batches
+
+
+def _select(found, filt, unsupported):
+    names = {p: found[p].name for p in found}
+    if filt is None:
+        chosen = list(found)
+    elif isinstance(filt, str):
+        pattern = re.compile(filt)
+        chosen = [p for p in found if pattern.search(names[p])]
+    elif callable(filt):
+        chosen = [p for p in found if filt(names[p], found[p].kernel_shape)]
+    else:
+        raise TypeError("filter must be None, a regex string or a callable (name, shape) -> bool.")
+    for path, why in unsupported.items():
+        warnings.warn(f"layer {'/'.join(map(str, path))} is not pruned: {why}.", stacklevel=3)
+    if not chosen:
+        raise ValueError(
+            f"filter selected no layer; the prunable layers are: "
+            f"{', '.join(names.values()) or '(none found)'}."
+        )
+    return set(chosen)

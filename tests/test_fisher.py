@@ -1,0 +1,241 @@
+"""Global Fisher I-OBS (``fisher_prune``) against dense numpy references, on a Flax MLP,
+and at its input boundary."""
+
+import doctest
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from iobs_jax import _fisher
+from iobs_jax._fisher import _cholesky_inverse, _woodbury_inverse, fisher_prune
+from iobs_jax._masks import hard_threshold
+
+
+def _linear_problem(rng, m):
+    """Two stacked linear maps (+ a bias) with a squared loss: analytic gradients."""
+    params = {
+        "a": {"bias": rng.normal(size=4), "kernel": rng.normal(size=(3, 4))},
+        "b": {"kernel": rng.normal(size=(4, 2))},
+    }
+    x, y = rng.normal(size=(m, 3)), rng.normal(size=(m, 2))
+    return params, (x, y)
+
+
+def _loss(p, ex):
+    x, y = ex
+    h = x @ p["a"]["kernel"] + p["a"]["bias"]
+    return 0.5 * jnp.sum((h @ p["b"]["kernel"] - y) ** 2)
+
+
+def _numpy_grads(p, x, y):
+    """Per-example gradients of the selected kernels (a/kernel, b/kernel), flattened."""
+    a, bias, bk = p["a"]["kernel"], p["a"]["bias"], p["b"]["kernel"]
+    h = x @ a + bias
+    r = h @ bk - y
+    ga = np.einsum("mi,mj->mij", x, r @ bk.T).reshape(len(x), -1)
+    gb = np.einsum("mi,mj->mij", h, r).reshape(len(x), -1)
+    return np.concatenate([ga, gb], axis=1)
+
+
+def _reference(theta, g, sparsity, block, damping, step, newton):
+    """Dense numpy Fisher OBS with a block-diagonal Fisher of (contiguous) ``block``s."""
+    d, m = theta.size, len(g)
+    blocks = [slice(s, min(s + block, d)) for s in range(0, d, block)]
+    ginv = np.zeros((d, d))
+    for sl in blocks:
+        f0 = g[:, sl].T @ g[:, sl] / m
+        ginv[sl, sl] = np.linalg.inv(f0 + damping * np.mean(np.diag(f0)) * np.eye(f0.shape[0]))
+    t = theta - step * ginv @ g.mean(0) if newton else theta.copy()
+    keep = d - int(round(sparsity * d))
+    order = np.argsort(-(t**2 / np.diag(ginv)), kind="stable")
+    mask = np.zeros(d, bool)
+    mask[order[:keep]] = True
+    out, cost = np.zeros(d), 0.0
+    for sl in blocks:
+        gb, tb, mb = ginv[sl, sl], t[sl], mask[sl]
+        p = ~mb
+        z = np.linalg.solve(gb[np.ix_(p, p)], tb[p]) if p.any() else np.zeros(0)
+        out[sl] = np.where(mb, tb - gb[:, p] @ z, 0.0)
+        cost += 0.5 * tb[p] @ z
+    return out, mask, cost
+
+
+def _selected(p):
+    return np.concatenate([np.ravel(p["a"]["kernel"]), np.ravel(p["b"]["kernel"])])
+
+
+def test_woodbury_inverse_equals_direct_inverse(rng):
+    u = rng.normal(size=(5, 12)) * rng.uniform(0.1, 3.0, size=12)
+    lam = jnp.asarray(0.05)
+    direct = np.linalg.inv(u.T @ u + 0.05 * np.eye(12))
+    np.testing.assert_allclose(_woodbury_inverse(jnp.asarray(u), lam), direct, rtol=1e-9)
+    np.testing.assert_allclose(_cholesky_inverse(jnp.asarray(u.T @ u), lam), direct, rtol=1e-9)
+
+
+@pytest.mark.parametrize("m", [7, 60])  # m < D: Woodbury; m >= B: Cholesky of G^T G
+@pytest.mark.parametrize("newton", [True, False])
+@pytest.mark.parametrize("block", [32, 5, 8])  # one padded block; block diagonal, (un)padded
+def test_matches_dense_numpy_reference(rng, m, newton, block):
+    params, (x, y) = _linear_problem(rng, m)
+    pruned, rep = fisher_prune(
+        _loss, params, (x, y), 0.5, block_size=block, damping=1e-3, step_size=0.7,
+        newton_step=newton, batch_size=16,
+    )
+    ref, mask, cost = _reference(
+        _selected(params), _numpy_grads(params, x, y), 0.5, block, 1e-3, 0.7, newton
+    )
+    np.testing.assert_array_equal(_selected(rep.masks), mask)
+    np.testing.assert_allclose(_selected(pruned), ref, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(rep.predicted_loss_increase, cost, rtol=1e-7)
+    np.testing.assert_array_equal(pruned["a"]["bias"], params["a"]["bias"])
+    assert rep.masks["a"]["bias"].all() and rep.num_examples == m and rep.block_size == block
+
+
+@pytest.mark.parametrize("sparsity, block", [(0.0, 7), (0.3, 3), (0.77, 7), (0.95, 64)])
+def test_achieved_sparsity_is_exact(rng, sparsity, block):
+    params, ex = _linear_problem(rng, 9)
+    pruned, rep = fisher_prune(_loss, params, ex, sparsity, block_size=block)
+    d, removed = 20, int(round(sparsity * 20))
+    mask = _selected(rep.masks)
+    assert mask.sum() == d - removed and rep.sparsity == pytest.approx(removed / d)
+    assert np.all(_selected(pruned)[~mask] == 0.0)
+    assert rep.predicted_loss_increase >= 0.0 and rep.time_s > 0
+
+
+def test_num_examples_uses_the_first_examples(rng):
+    params, (x, y) = _linear_problem(rng, 30)
+    a, rep = fisher_prune(_loss, params, (x, y), 0.5, num_examples=12, batch_size=5)
+    b, _ = fisher_prune(_loss, params, (x[:12], y[:12]), 0.5)
+    assert rep.num_examples == 12
+    np.testing.assert_allclose(_selected(a), _selected(b), rtol=1e-10)
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.tanh(nn.Dense(24)(x)))
+
+
+def _xent(model):
+    def loss(p, ex):
+        logits = model.apply({"params": p}, ex[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex[1])
+
+    return loss
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 10))
+    y = np.argmax(x[:, :3] + 0.5 * x[:, 3:6] ** 2, axis=1)
+    model = _MLP()
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    loss = _xent(model)
+    batch_loss = lambda p: jnp.mean(jax.vmap(loss, in_axes=(None, 0))(p, (x, y)))
+    opt = optax.adam(3e-2)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(batch_loss)(p)
+        u, s = opt.update(g, s)
+        return optax.apply_updates(p, u), s
+
+    state = opt.init(params)
+    for _ in range(150):
+        params, state = step(params, state)
+    return model, params, (x, y), batch_loss
+
+
+def test_mlp_beats_global_magnitude_and_keeps_structure(trained_mlp):
+    model, params, ex, batch_loss = trained_mlp
+    pruned, rep = fisher_prune(_xent(model), params, ex, 0.5, block_size=32, batch_size=64)
+    assert jax.tree.structure(pruned) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(pruned), jax.tree.leaves(params), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    for layer in ("Dense_0", "Dense_1"):
+        np.testing.assert_array_equal(pruned[layer]["bias"], params[layer]["bias"])
+        assert rep.masks[layer]["bias"].all()
+    kernels = {k: v["kernel"] for k, v in params.items()}
+    magnitude = hard_threshold(kernels, sum(k.size for k in kernels.values()) // 2)
+    magnitude = {k: {**params[k], "kernel": magnitude[k]} for k in params}
+    dense, fisher, mag = (float(batch_loss(p)) for p in (params, pruned, magnitude))
+    assert rep.sparsity == 0.5
+    assert fisher - dense < 0.5 * (mag - dense), (dense, fisher, mag)
+    only_first, rep1 = fisher_prune(
+        _xent(model), params, ex, 0.5, filter=lambda path, leaf: path == "Dense_0/kernel"
+    )
+    assert rep1.masks["Dense_1"]["kernel"].all()
+    np.testing.assert_array_equal(only_first["Dense_1"]["kernel"], params["Dense_1"]["kernel"])
+    assert (~rep1.masks["Dense_0"]["kernel"]).sum() == 120
+
+
+def test_float32_params_stay_float32(trained_mlp):
+    model, params, (x, y), _ = trained_mlp
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    ex32 = (x[:40].astype(np.float32), y[:40])
+    pruned, rep = fisher_prune(_xent(model), p32, ex32, 0.6, block_size=64, batch_size=16)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(pruned))
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(pruned))
+    assert rep.sparsity == pytest.approx(round(0.6 * 312) / 312)
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(_fisher, extraglobs={"jnp": jnp}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _bad(params, ex, **kw):
+    kw = {"sparsity": 0.5, **kw}
+    return fisher_prune(kw.pop("loss", _loss), params, ex, kw.pop("sparsity"), **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.1}, ValueError, "sparsity"),
+        ({"sparsity": "0.5"}, ValueError, "sparsity"),
+        ({"block_size": 0}, ValueError, "block_size"),
+        ({"block_size": 2.5}, TypeError, "block_size"),
+        ({"damping": 0.0}, ValueError, "damping"),
+        ({"damping": -1.0}, ValueError, "damping"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"damping": float("inf")}, ValueError, "damping"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"num_examples": 99}, ValueError, "num_examples"),
+        ({"filter": lambda path, leaf: "conv" in path}, ValueError, "a/kernel"),
+        ({"filter": lambda path, leaf: True, "loss": lambda p, e: _loss(p, e)}, None, None),
+        ({"loss": lambda p, e: jnp.stack([_loss(p, e)] * 2)}, ValueError, "scalar"),
+    ],
+)
+def test_bad_arguments_raise(rng, kw, error, match):
+    params, ex = _linear_problem(rng, 6)
+    if error is None:  # selecting the bias too is fine
+        assert _bad(params, ex, **kw)[1].masks["a"]["bias"].dtype == jnp.bool_
+        return
+    with pytest.raises(error, match=match):
+        _bad(params, ex, **kw)
+
+
+def test_bad_examples_and_params_raise(rng):
+    params, (x, y) = _linear_problem(rng, 6)
+    with pytest.raises(ValueError, match="empty"):
+        _bad(params, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match="empty pytree"):
+        _bad(params, ())
+    with pytest.raises(ValueError, match="leading"):
+        _bad(params, (x, y[:5]))
+    x[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"'a/kernel' for example 4 is not finite"):
+        _bad(params, (x, y), batch_size=3)
+    with pytest.raises(TypeError, match="floating"):
+        _bad({"w": np.ones((2, 3), np.int32)}, x[:, :2], loss=lambda p, e: 0.0,
+             filter=lambda path, leaf: True)
+    bad = {**params, "b": {"kernel": np.full((4, 2), np.inf)}}
+    with pytest.raises(ValueError, match="b/kernel"):
+        _bad(bad, (x[:3], y[:3]))

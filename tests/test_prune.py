@@ -1,0 +1,209 @@
+"""The model-level pruning driver: layers, capture, patterns, reports, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import iobs_jax
+from iobs_jax import _layers, _layerwise
+
+
+class _CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), name="conv")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(16, name="hidden")(x))
+        return nn.Dense(8, name="out")(x)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = _CNN()
+    x = jax.random.normal(jax.random.key(0), (48, 6, 6, 2), jnp.float32)
+    params = model.init(jax.random.key(1), x)["params"]
+    return model, params, [x[:24], x[24:]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=(3, 3)),
+        dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID"),
+        dict(kernel_size=(3, 3), kernel_dilation=2, padding=((1, 2), (0, 1))),
+        dict(kernel_size=(2, 2), input_dilation=2, padding=1),
+        dict(kernel_size=(3,)),
+    ],
+    ids=["same", "strided-valid", "dilated-explicit", "input-dilation", "1d"],
+)
+def test_conv_patches_times_kernel_equal_the_convolution(kwargs):
+    conv = nn.Conv(5, use_bias=False, **kwargs)
+    shape = (2, 7, 3) if len(kwargs["kernel_size"]) == 1 else (2, 7, 6, 3)
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = conv.init(jax.random.key(1), x)["params"]
+    spec = _layers.conv_spec(("c",), params["kernel"].shape, conv)
+    w = _layers.kernel_to_matrix(spec, params["kernel"])
+    y = conv.apply({"params": params}, x)
+    patches = _layers.inputs_matrix(spec, x)
+    np.testing.assert_allclose(patches @ w.T, y.reshape(-1, 5), atol=1e-5)
+    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
+
+
+def test_dense_general_columns_line_up_with_the_kernel():
+    layer = nn.DenseGeneral((2, 3), axis=(-2, -1))
+    x = jax.random.normal(jax.random.key(0), (5, 4, 3))
+    params = layer.init(jax.random.key(1), x)["params"]
+    spec = _layers.dense_general_spec(("d",), params["kernel"].shape, (-2, -1), 3)
+    w = _layers.kernel_to_matrix(spec, params["kernel"])
+    y = layer.apply({"params": params}, x) - params["bias"]
+    np.testing.assert_allclose(_layers.inputs_matrix(spec, x) @ w.T, y.reshape(5, 6), atol=1e-5)
+    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obc", "iobs"])
+def test_prune_keeps_structure_dtypes_and_exact_sparsity(cnn, method):
+    model, params, batches = cnn
+    scope = "row" if method == "obc" else None
+    pruned, report = iobs_jax.prune(model, params, batches, sparsity=0.5, method=method,
+                                    scope=scope)
+    assert jax.tree.structure(pruned) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(pruned), jax.tree.leaves(params), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(pruned["out"]["bias"], params["out"]["bias"])
+    for name in ("conv", "hidden", "out"):
+        kernel, mask = np.asarray(pruned[name]["kernel"]), np.asarray(report.masks[name]["kernel"])
+        assert np.all(kernel[~mask] == 0)
+        rows = kernel.shape[-1]
+        cols = kernel.size // rows
+        expect_kept = cols - round(0.5 * cols)
+        if scope == "row" or method == "wanda":
+            assert mask.reshape(cols, rows).sum(0).tolist() == [expect_kept] * rows
+        elif method != "sparsegpt":
+            assert mask.sum() == kernel.size - round(0.5 * kernel.size)
+    assert [r.name for r in report.layers] == ["conv", "hidden", "out"]
+    assert all(r.loss <= r.loss_masked * (1 + 1e-5) for r in report.layers) or method in (
+        "magnitude", "wanda")
+
+
+def test_iobs_layer_loss_below_sparsegpt_and_magnitude(cnn):
+    model, params, batches = cnn
+    losses = {m: iobs_jax.prune(model, params, batches, sparsity=0.7, method=m)[1].total_loss
+              for m in ("magnitude", "sparsegpt", "iobs")}
+    assert losses["iobs"] < losses["sparsegpt"] < losses["magnitude"]
+
+
+def test_sequential_layer_inputs_come_from_the_pruned_model(cnn):
+    model, params, batches = cnn
+    seq, rep_seq = iobs_jax.prune(model, params, batches, sparsity=0.6, method="magnitude")
+    par, rep_par = iobs_jax.prune(model, params, batches, sparsity=0.6, method="magnitude",
+                                  sequential=False)
+    # Same masks for magnitude, but the last layer's loss is measured on different inputs.
+    np.testing.assert_array_equal(seq["out"]["kernel"], par["out"]["kernel"])
+    assert rep_seq.layers[-1].output_energy != pytest.approx(rep_par.layers[-1].output_energy)
+    # The sequential statistics really are those of the pruned upstream model.
+    x = jnp.concatenate(batches)
+    hidden = nn.relu(nn.Conv(4, (3, 3)).apply({"params": seq["conv"]}, x))
+    dense_in = nn.relu(nn.Dense(16).apply({"params": seq["hidden"]},
+                                          hidden.reshape(48, -1)))
+    h = dense_in.T @ dense_in / 48
+    w0 = params["out"]["kernel"].T
+    expect = float(_layerwise.layer_loss(jnp.zeros_like(w0), w0, h))
+    assert rep_seq.layers[-1].output_energy == pytest.approx(expect, rel=1e-4)
+
+
+def test_nm_pattern_and_global_scope(cnn):
+    model, params, batches = cnn
+    pruned, report = iobs_jax.prune(model, params, batches, pattern="2:4", filter="hidden|out")
+    kernel = np.asarray(pruned["hidden"]["kernel"])  # (inputs, outputs): groups along inputs
+    assert np.all((kernel.T.reshape(16, -1, 4) != 0).sum(-1) <= 2)
+    assert np.all(np.asarray(report.masks["hidden"]["kernel"]).T.reshape(16, -1, 4).sum(-1) == 2)
+    assert np.all(np.asarray(report.masks["conv"]["kernel"]))  # filtered out: untouched
+    _, report = iobs_jax.prune(model, params, batches, sparsity=0.7, scope="global")
+    total = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    assert report.sparsity == pytest.approx(0.7, abs=1.0 / total)
+    assert len({round(r.sparsity, 3) for r in report.layers}) > 1
+
+
+def test_filter_callable_and_report_summary(cnn):
+    model, params, batches = cnn
+    pruned, report = iobs_jax.prune(model, params, batches,
+                                    filter=lambda name, shape: name != "out")
+    np.testing.assert_array_equal(pruned["out"]["kernel"], params["out"]["kernel"])
+    assert "hidden" in report.summary() and len(report.layers) == 2
+
+
+def test_nnx_module_is_pruned_without_touching_the_original():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(12, 16, rngs=rngs)
+            self.b = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nnx.relu(self.a(x)))
+
+    net = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (64, 12))
+    pruned, report = iobs_jax.prune(net, [x], sparsity=0.5)
+    assert isinstance(pruned, Net) and [r.name for r in report.layers] == ["a", "b"]
+    assert float(jnp.mean(pruned.a.kernel[...] == 0)) == 0.5
+    assert float(jnp.mean(net.a.kernel[...] == 0)) == 0.0
+    with pytest.raises(TypeError, match="NNX module carries its own"):
+        iobs_jax.prune(net, [x], [x])
+
+
+def test_dense_general_model_and_tuple_batches():
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x, scale):
+            q = nn.DenseGeneral((2, 4), name="q")(x)
+            k = nn.DenseGeneral((2, 4), name="k")(x)
+            return nn.DenseGeneral(8, axis=(-2, -1), name="o")(q * k * scale)
+
+    model = Attn()
+    x = jax.random.normal(jax.random.key(0), (4, 10, 8))
+    params = model.init(jax.random.key(1), x, 1.0)["params"]
+    pruned, report = iobs_jax.prune(model, params, [(x, 1.0)], sparsity=0.5)
+    assert [r.name for r in report.layers] == ["q", "k", "o"]
+    assert all(r.shape == (8, 8) for r in report.layers)
+
+
+def test_non_finite_activations_name_the_layer():
+    class Overflow(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="after")(jnp.exp(1e3 * nn.Dense(4, name="before")(x)))
+
+    model = Overflow()
+    x = jnp.ones((3, 5))
+    params = model.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match="non-finite activations at the input of layer after"):
+        iobs_jax.prune(model, params, [x])
+
+
+def test_bad_inputs_give_clear_errors(cnn):
+    model, params, batches = cnn
+    with pytest.raises(ValueError, match="sparsity"):
+        iobs_jax.prune(model, params, batches, sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        iobs_jax.prune(model, params, batches, sparsity=-0.1)
+    with pytest.raises(ValueError, match="filter selected no layer.*hidden"):
+        iobs_jax.prune(model, params, batches, filter="nothing-like-this")
+    with pytest.raises(ValueError, match="calib_batches"):
+        iobs_jax.prune(model, params, [jnp.ones((4, 5, 5))])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        iobs_jax.prune(model, params, [batches[0].at[0, 0, 0, 0].set(jnp.nan)])
+    with pytest.raises(ValueError, match="method"):
+        iobs_jax.prune(model, params, batches, method="nope")
+    with pytest.raises(ValueError, match="pattern"):
+        iobs_jax.prune(model, params, batches, pattern="4:2")
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        iobs_jax.prune(model, params, batches, pattern="2:4")  # conv has 18 inputs
+    with pytest.raises(ValueError, match="obc"):
+        iobs_jax.prune(model, params, batches, method="obc", scope="layer")
+    with pytest.raises(ValueError, match="calib_batches is required"):
+        iobs_jax.prune(model, params)
+    with pytest.raises(TypeError, match="flax"):
+        iobs_jax.prune(object(), params, batches)
