@@ -147,9 +147,9 @@ def fisher_prune(
                 f"(NaN or inf); check loss_fn and the examples."
             )
     keep = d - int(round(sparsity * d))
-    step = step_size if newton_step else jnp.zeros((), work)
+    step = jnp.asarray(float(step_size) if newton_step else 0.0, work)
     pieces, kept, cost, count, finite = _finish(
-        sel_vals, *acc, m, damping, step, woodbury=woodbury, keep=keep
+        sel_vals, *acc, m, jnp.asarray(float(damping), work), step, woodbury=woodbury, keep=keep
     )
     if not bool(finite):
         raise ValueError("the Fisher OBS update is not finite: increase damping or use more "

@@ -29,6 +29,7 @@ from ._obs import greedy_obs_unchecked
 _ROW_CHUNK = 32
 
 
+@jax.jit
 def damp_hessian(h: jax.Array, damping: float) -> jax.Array:
     """``H + damping * mean(diag H) * I`` (SparseGPT's relative damping).
 
@@ -41,6 +42,7 @@ def damp_hessian(h: jax.Array, damping: float) -> jax.Array:
     return h + lam * jnp.eye(h.shape[0], dtype=h.dtype)
 
 
+@jax.jit
 def layer_loss(w: jax.Array, w0: jax.Array, h: jax.Array) -> jax.Array:
     """``tr((W - W0) H (W - W0)^T)``: the layer's mean squared output error."""
     delta = (w - w0).astype(h.dtype)
@@ -252,6 +254,7 @@ def _inverse(h: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------- methods
 
 
+@functools.partial(jax.jit, static_argnames=("sparsity", "scope", "nm"))
 def magnitude(w0, h, sparsity, scope="layer", nm=None):
     """Keep the largest ``|w|`` (no compensation)."""
     del h
@@ -259,6 +262,7 @@ def magnitude(w0, h, sparsity, scope="layer", nm=None):
     return jnp.where(mask, w0, 0.0), mask
 
 
+@functools.partial(jax.jit, static_argnames=("sparsity", "scope", "nm"))
 def wanda(w0, h, sparsity, scope="row", nm=None):
     """Wanda: keep the largest ``|w_ij| * ||x_j||`` (per output row by default)."""
     scores = jnp.abs(w0) * jnp.sqrt(jnp.maximum(jnp.diagonal(h), 0.0))[None, :]
@@ -383,30 +387,40 @@ def iobs(
     ``cg_tol`` of exact); ``"cholesky"`` with the exact batched :func:`refit`.
     """
 
-    def project(target, mask):
-        if solver == "cholesky":
-            return refit(target, mask, h, g)[0]
-        return refit_cg(target, mask, h, g, cg_tol, cg_maxiter)[0]
-
-    rows, cols = w0.shape
     g = _inverse(h)
-    gdiag0 = jnp.broadcast_to(jnp.diagonal(g), w0.shape)
-    w_t = w0
-    best = None
+    w_t, best = w0, None
     for _ in range(iterations):
-        target = w_t - step_size * (w_t - w0)
-        if nm is not None:
-            mask = select_mask(target**2 / gdiag0, sparsity, scope, nm)
+        if rounds == 1 and solver == "cg":
+            # The common path is one compiled program per layer shape.
+            w_t, mask = _one_step(w_t, w0, h, g, step_size, sparsity, scope, nm, cg_tol,
+                                  cg_maxiter)
         else:
-            mask = _rounds(target, h, g, gdiag0, sparsity, scope, rounds)
-        w_t = project(target, mask)
+            target = w_t - step_size * (w_t - w0)
+            gdiag = jnp.broadcast_to(jnp.diagonal(g), w0.shape)
+            if nm is not None or rounds == 1:
+                mask = select_mask(target**2 / gdiag, sparsity, scope, nm)
+            else:
+                mask = _rounds(target, h, g, gdiag, sparsity, scope, rounds)
+            if solver == "cholesky":
+                w_t = refit(target, mask, h, g)[0]
+            else:
+                w_t = refit_cg(target, mask, h, g, cg_tol, cg_maxiter)[0]
         if h_val is not None:
-            val = layer_loss(w_t, w0, h_val)
+            val = float(layer_loss(w_t, w0, h_val))
             if best is None or val < best[0]:
                 best = (val, w_t, mask)
     if best is not None:
         return best[1], best[2]
     return w_t, mask
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sparsity", "scope", "nm", "cg_tol", "cg_maxiter")
+)
+def _one_step(w_t, w0, h, g, step_size, sparsity, scope, nm, cg_tol, cg_maxiter):
+    target = w_t - step_size * (w_t - w0)
+    mask = select_mask(target**2 / jnp.diagonal(g)[None, :], sparsity, scope, nm)
+    return refit_cg(target, mask, h, g, cg_tol, cg_maxiter)[0], mask
 
 
 def _rounds(target, h, g, gdiag, sparsity, scope, rounds):

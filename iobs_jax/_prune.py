@@ -457,11 +457,17 @@ def _run_method(method, w0, h, sparsity, nm, scope, damping, blocksize, rounds, 
 
 
 def _report(spec, w0, w, mask, h, seconds):
-    masked = jnp.where(mask, w0, 0.0)
-    return LayerReport(
-        spec.name, spec.kind, spec.shape, float(1.0 - jnp.mean(mask)),
-        float(lw.layer_loss(masked, w0, h)), float(lw.layer_loss(w, w0, h)),
-        float(lw.layer_loss(jnp.zeros_like(w0), w0, h)), seconds,
+    sparsity, masked, loss, energy = (float(v) for v in _losses(w0, w, mask, h))
+    return LayerReport(spec.name, spec.kind, spec.shape, sparsity, masked, loss, energy, seconds)
+
+
+@jax.jit
+def _losses(w0, w, mask, h):
+    return (
+        1.0 - jnp.mean(mask),
+        lw.layer_loss(jnp.where(mask, w0, 0.0), w0, h),
+        lw.layer_loss(w, w0, h),
+        lw.layer_loss(jnp.zeros_like(w0), w0, h),
     )
 
 

@@ -248,7 +248,7 @@ def _check_data(images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _check_labels(model: nn.Module, params: Any, images: jax.Array, labels: jax.Array) -> None:
-    k = jax.eval_shape(model.apply, params, images[:1]).shape[-1]
+    k = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, images[:1]).shape[-1]
     if int(labels.min()) < 0 or int(labels.max()) >= k:
         raise ValueError(f"labels must be in [0, {k}) for a model with {k} outputs; got range "
                          f"[{int(labels.min())}, {int(labels.max())}].")
@@ -265,7 +265,8 @@ def train_classifier(model: nn.Module, images: Any, labels: Any, *, key: jax.Arr
 
     ``images`` ``(N, H, W, C)``, ``labels`` ``(N,)`` ints in ``[0, num_classes)``. Each epoch
     reshuffles (from ``key``) and takes ``N // batch_size`` full batches; one jitted epoch
-    (a ``lax.scan`` over train steps) is compiled once. Returns the Flax params.
+    (a ``lax.scan`` over train steps) is compiled once. Returns the ``"params"`` collection
+    (what :func:`iobs_jax.prune` and :func:`accuracy` take).
     Example: ``params = train_classifier(MLP(), x, y, key=jax.random.key(0), epochs=2)``.
     """
     images, labels = _check_data(images, labels)
@@ -275,8 +276,9 @@ def train_classifier(model: nn.Module, images: Any, labels: Any, *, key: jax.Arr
         raise ValueError(f"need learning_rate > 0 and weight_decay >= 0; got {learning_rate}, "
                          f"{weight_decay}.")
     init_key, key = jax.random.split(key)
-    _check_labels(model, jax.eval_shape(model.init, init_key, images[:1]), images, labels)
-    params = model.init(init_key, images[:1])
+    init = jax.eval_shape(model.init, init_key, images[:1])["params"]
+    _check_labels(model, init, images, labels)
+    params = model.init(init_key, images[:1])["params"]
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
     opt_state = tx.init(params)
     n, nb = len(labels), len(labels) // batch_size
@@ -287,7 +289,9 @@ def train_classifier(model: nn.Module, images: Any, labels: Any, *, key: jax.Arr
 
         def step(carry, idx):
             p, s = carry
-            grads = jax.grad(lambda p: _xent(model.apply(p, x[idx]), y[idx]).mean())(p)
+            grads = jax.grad(
+                lambda p: _xent(model.apply({"params": p}, x[idx]), y[idx]).mean()
+            )(p)
             updates, s = tx.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), None
 
@@ -313,7 +317,7 @@ def _batched_mean(fn: Callable, model: nn.Module, params: Any, images: Any, labe
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _per_example(fn, model, params, x, y):
-    return jax.lax.map(lambda b: fn(model.apply(params, b[0]), b[1]), (x, y))
+    return jax.lax.map(lambda b: fn(model.apply({"params": params}, b[0]), b[1]), (x, y))
 
 
 def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import idx_bytes, write_idx_split
 
 from iobs_jax import mnist
 from iobs_jax.mnist import (
@@ -31,29 +32,6 @@ def _no_env(monkeypatch):
     monkeypatch.delenv(mnist.ENV_VAR, raising=False)
 
 
-def _idx_bytes(arr, magic):
-    dims = np.asarray(arr.shape, dtype=">u4").tobytes()
-    return magic.to_bytes(4, "big") + dims + arr.astype(np.uint8).tobytes()
-
-
-def _write_split(directory, split, n=7, seed=0, gz=True):
-    """Write a tiny idx image/label pair; returns (images uint8 (n, 28, 28), labels (n,))."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-    prefix = "t10k" if split == "test" else "train"
-    directory.mkdir(parents=True, exist_ok=True)
-    for kind, arr, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
-        name = directory / f"{prefix}-{kind}-ubyte"
-        data = _idx_bytes(arr, magic)
-        if gz:
-            with gzip.open(str(name) + ".gz", "wb") as f:
-                f.write(data)
-        else:
-            name.write_bytes(data)
-    return images, labels
-
-
 def _check_matches(data, images, labels):
     assert isinstance(data, MNIST)
     assert data.images.shape == (len(labels), 28, 28, 1) and data.images.dtype == np.float32
@@ -64,32 +42,32 @@ def _check_matches(data, images, labels):
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
-    images, labels = _write_split(tmp_path, "test", gz=gz)
+    images, labels = write_idx_split(tmp_path, "test", gz=gz)
     data = load_mnist(tmp_path)
     _check_matches(data, images, labels)
     assert str(tmp_path) in data.source and 0.0 <= data.images.min() <= data.images.max() <= 1.0
 
 
 def test_split_selects_files(tmp_path, capsys):
-    test = _write_split(tmp_path, "test", n=5, seed=1)
-    train = _write_split(tmp_path, "train", n=9, seed=2)
+    test = write_idx_split(tmp_path, "test", n=5, seed=1)
+    train = write_idx_split(tmp_path, "train", n=9, seed=2)
     _check_matches(load_mnist(tmp_path), *test)
     _check_matches(load_mnist(tmp_path, split="train"), *train)
     # A directory with only train files serves the default split (and says so) ...
     only_train = tmp_path / "only_train"
-    train = _write_split(only_train, "train", n=4, seed=3)
+    train = write_idx_split(only_train, "train", n=4, seed=3)
     data = load_mnist(only_train)
     _check_matches(data, *train)
     assert "train" in data.source and "train files" in capsys.readouterr().out
     # ... but an explicit request for train files never gets test files.
     only_test = tmp_path / "only_test"
-    _write_split(only_test, "test", n=4)
+    write_idx_split(only_test, "test", n=4)
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         load_mnist(only_test, split="train")
 
 
 def test_env_var(tmp_path, monkeypatch):
-    images, labels = _write_split(tmp_path / "mnist", "test")
+    images, labels = write_idx_split(tmp_path / "mnist", "test")
     monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path))
     _check_matches(load_mnist(verbose=False), images, labels)  # found in $IOBS_JAX_DATA/mnist
     monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path / "mnist"))
@@ -112,15 +90,15 @@ def test_bad_split(tmp_path):
 
 
 def test_corrupt_files(tmp_path):
-    _write_split(tmp_path, "test")
+    write_idx_split(tmp_path, "test")
     images = tmp_path / "t10k-images-idx3-ubyte.gz"
     with gzip.open(images, "wb") as f:  # labels' magic number in the images file
-        f.write(_idx_bytes(np.zeros((2, 28, 28)), 2049))
+        f.write(idx_bytes(np.zeros((2, 28, 28)), 2049))
     with pytest.raises(ValueError, match="magic"):
         load_mnist(tmp_path)
     with gzip.open(images, "wb") as f:  # header promises 3 images, 2 follow
-        f.write(_idx_bytes(np.zeros((2, 28, 28)), 2051)[:4] + (3).to_bytes(4, "big")
-                + _idx_bytes(np.zeros((2, 28, 28)), 2051)[8:])
+        f.write(idx_bytes(np.zeros((2, 28, 28)), 2051)[:4] + (3).to_bytes(4, "big")
+                + idx_bytes(np.zeros((2, 28, 28)), 2051)[8:])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_mnist(tmp_path)
     images.write_bytes(b"not gzip at all")
@@ -215,9 +193,9 @@ def test_accuracy_and_loss_batched():
     rng = np.random.default_rng(0)
     x, y = rng.random((23, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 23)
     model = MLP(features=(16,))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])  # no RNG compile
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])["params"]  # no RNG compile
     params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-    logits = np.asarray(model.apply(params, x))
+    logits = np.asarray(model.apply({"params": params}, x))
     want = np.mean(np.argmax(logits, -1) == y)
     shifted = logits - logits.max(-1, keepdims=True)
     want_loss = np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(23), y])
