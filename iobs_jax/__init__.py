@@ -18,6 +18,7 @@ from ._curvature import (
     newton_direction,
     power_iteration,
 )
+from ._fisher import FisherReport, fisher_prune
 from ._iht import IHT, IHTState
 from ._iobs import IOBS, IOBSState
 from ._masks import hard_threshold, nm_mask, topk_mask
@@ -35,9 +36,11 @@ __all__ = [
     "PruneReport",
     "Status",
     "DenseCurvature",
+    "FisherReport",
     "OperatorCurvature",
     "conjugate_gradient",
     "dense_hessian",
+    "fisher_prune",
     "greedy_obs",
     "hard_threshold",
     "hvp",

@@ -33,3 +33,13 @@ def test_paper_synthetic_example_prints_iteration_counts():
     iht_to_tol = float(rows["k-IHT (step 1/L)"][1])
     iobs_to_tol = float(rows["Topk-I-OBS (exact Hessian)"][1])
     assert 10 * iobs_to_tol <= iht_to_tol
+
+
+def test_readme_pruning_snippet_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Pruning Flax models", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README pruning", "exec"), namespace)
+    report = namespace["report"]
+    assert abs(report.sparsity - 0.7) < 0.01 and len(report.layers) == 3
