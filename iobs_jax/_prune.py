@@ -97,9 +97,10 @@ class _Linen:
     """Feeds batches to a Linen module and reports its prunable layers' inputs."""
 
     def __init__(self, model, variables, apply_kwargs):
-        self.model, self.variables, self.apply_kwargs = model, variables, apply_kwargs
+        self.model, self.extra, self.apply_kwargs = model, variables, apply_kwargs
+        self.key = _hashable(("linen", model, tuple(sorted(apply_kwargs.items()))))
 
-    def forward(self, params, args, kwargs, record):
+    def forward(self, params, extra, args, kwargs, record):
         def interceptor(next_fun, a, kw, context):
             module = context.module
             if context.method_name == "__call__" and a:
@@ -110,7 +111,7 @@ class _Linen:
 
         with nn.intercept_methods(interceptor):
             return self.model.apply(
-                {**self.variables, "params": params}, *args, **kwargs, **self.apply_kwargs
+                {**extra, "params": params}, *args, **kwargs, **self.apply_kwargs
             )
 
 
@@ -140,11 +141,12 @@ class _NNX:
     _TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
     def __init__(self, module, apply_kwargs):
-        self.graphdef, self.params, self.rest = nnx.split(module, nnx.Param, ...)
+        self.graphdef, self.params, self.extra = nnx.split(module, nnx.Param, ...)
         self.apply_kwargs = apply_kwargs
+        self.key = _hashable(("nnx", self.graphdef, tuple(sorted(apply_kwargs.items()))))
 
-    def forward(self, params, args, kwargs, record):
-        module = nnx.merge(self.graphdef, self._state(params), self.rest)
+    def forward(self, params, extra, args, kwargs, record):
+        module = nnx.merge(self.graphdef, self._state(params), extra)
         paths = {id(m): tuple(path) for path, m in nnx.iter_modules(module)}
 
         originals = {cls: cls.__call__ for cls in self._TYPES}
@@ -175,6 +177,15 @@ class _NNX:
         state = jax.tree.map(lambda v: v, self.params)  # a copy: never mutate the caller's
         nnx.replace_by_pure_dict(state, pure)
         return state
+
+
+def _hashable(key):
+    """``key`` if it can key the compile cache, else None (then nothing is cached)."""
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _nnx_spec(module, path, x):
@@ -223,7 +234,10 @@ def _discover(adapter, params, batch):
 
     args, kwargs = _split_batch(batch)
     try:
-        jax.eval_shape(lambda p, a, k: adapter.forward(p, a, k, record), params, args, kwargs)
+        jax.eval_shape(
+            lambda p, e, a, k: adapter.forward(p, e, a, k, record), params, adapter.extra,
+            args, kwargs,
+        )
     except Exception as err:  # noqa: BLE001 - re-raised with the option named
         raise ValueError(
             f"calib_batches: the first calibration batch could not be fed to the model "
@@ -237,12 +251,22 @@ def _discover(adapter, params, batch):
 # ------------------------------------------------------------------ statistics
 
 
+_STATS_CACHE: dict = {}
+
+
 def _make_stats(adapter, specs: list, dtype):
-    """Jitted ``(params, batch) -> {path: (X^T X, samples, all finite)}`` for ``specs``."""
+    """Jitted ``(params, extra, args, kwargs) -> {path: (X^T X, samples, all finite)}``.
+
+    Cached per (model, layers, dtype): repeated ``prune`` calls on the same model (a sweep
+    over sparsities or methods) do not recompile the forward passes.
+    """
+    key = None if adapter.key is None else (adapter.key, tuple(specs), jnp.dtype(dtype).name)
+    if key is not None and key in _STATS_CACHE:
+        return _STATS_CACHE[key]
     wanted = {s.path: s for s in specs}
 
     @jax.jit
-    def stats(params, args, kwargs):
+    def stats(params, extra, args, kwargs):
         captured: dict[tuple, list] = {p: [] for p in wanted}
 
         def record(spec, x):
@@ -250,7 +274,7 @@ def _make_stats(adapter, specs: list, dtype):
                 captured[spec.path].append(x)
 
         # Outputs are discarded: XLA drops everything downstream of the last capture.
-        adapter.forward(params, args, kwargs, record)
+        adapter.forward(params, extra, args, kwargs, record)
         out = {}
         for path, xs in captured.items():
             mats = [_layers.inputs_matrix(wanted[path], x).astype(dtype) for x in xs]
@@ -258,14 +282,18 @@ def _make_stats(adapter, specs: list, dtype):
             out[path] = (x.T @ x, x.shape[0], jnp.all(jnp.isfinite(x)))
         return out
 
+    if key is not None:
+        if len(_STATS_CACHE) >= 64:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+        _STATS_CACHE[key] = stats
     return stats
 
 
-def _accumulate(stats, params, batches, specs, dtype):
+def _accumulate(stats, adapter, params, batches, specs, dtype):
     totals = {s.path: [jnp.zeros((s.shape[1],) * 2, dtype), 0] for s in specs}
     for batch in batches:
         args, kwargs = _split_batch(batch)
-        for path, (xtx, n, finite) in stats(params, args, kwargs).items():
+        for path, (xtx, n, finite) in stats(params, adapter.extra, args, kwargs).items():
             if not bool(finite):
                 name = "/".join(map(str, path))
                 raise ValueError(
@@ -376,11 +404,12 @@ def prune(
     chosen = _select(found, filter, unsupported)
     cal = batches[: len(batches) - holdout_batches]
     val = batches[len(batches) - holdout_batches :]
-    stats = _make_stats(adapter, [found[p] for p in chosen], dtype)
+    ordered = [found[p] for p in found if p in chosen]
+    stats = _make_stats(adapter, ordered, dtype)
 
     dense_h = None
     if not sequential or scope == "global":
-        dense_h = _accumulate(stats, params, cal, [found[p] for p in chosen], dtype)
+        dense_h = _accumulate(stats, adapter, params, cal, ordered, dtype)
     per_layer = {p: sparsity for p in chosen}
     if scope == "global":
         per_layer = _allocate(found, chosen, flat, dense_h, sparsity, method, damping)
@@ -394,10 +423,11 @@ def prune(
         specs = [found[p] for p in todo]
         group_stats = _make_stats(adapter, specs, dtype) if sequential else None
         if sequential:
-            hs = _accumulate(group_stats, params_now, cal, specs, dtype)
+            hs = _accumulate(group_stats, adapter, params_now, cal, specs, dtype)
         else:
             hs = {p: dense_h[p] for p in todo}
-        hv = _accumulate(group_stats or stats, params_now, val, specs, dtype) if val else {}
+        hv = (_accumulate(group_stats or stats, adapter, params_now, val, specs, dtype)
+              if val else {})
         for path in todo:
             t0 = time.perf_counter()
             spec = found[path]
@@ -408,9 +438,11 @@ def prune(
                 method, w0, h, per_layer[path], nm, scope, damping, blocksize, rounds,
                 iterations, step_size, hv.get(path), spec.name,
             )
+            jax.block_until_ready(w)  # JAX is asynchronous: time the work, not the dispatch
+            seconds = time.perf_counter() - t0
             flat[path + ("kernel",)] = _layers.matrix_to_kernel(spec, w).astype(kernel.dtype)
             masks[path + ("kernel",)] = _layers.matrix_to_kernel(spec, mask)
-            reports.append(_report(spec, w0, w, mask, h, time.perf_counter() - t0))
+            reports.append(_report(spec, w0, w, mask, h, seconds))
             if verbose:
                 print(f"pruned {spec.name} {spec.shape}: loss {reports[-1].loss:.4e}")
 
@@ -422,7 +454,7 @@ def prune(
         out, mask_tree = FrozenDict(out), FrozenDict(mask_tree)
     report = PruneReport(method, reports, mask_tree, time.perf_counter() - start)
     if is_nnx:
-        return nnx.merge(adapter.graphdef, adapter._state(out), adapter.rest), report
+        return nnx.merge(adapter.graphdef, adapter._state(out), adapter.extra), report
     return out, report
 
 
