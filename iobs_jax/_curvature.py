@@ -21,6 +21,7 @@ Python objects built inside traced code; they are not carried across ``jit`` bou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,24 @@ __all__ = [
     "make_curvature",
     "conjugate_gradient",
 ]
+
+
+def highest_precision(fn: Callable) -> Callable:
+    """Run ``fn`` with float32 matrix products at full precision on every backend.
+
+    GPUs and TPUs multiply float32 in TF32 / bfloat16 passes by default; Gram matrices
+    ``X^T X``, Woodbury identities and CG on them cancel, and at 10 mantissa bits a
+    damped Fisher or layer Hessian can turn indefinite (measured: NaN from the Fisher
+    OBS update on an H100). The setting is part of JAX's trace context, so compiled
+    functions are cached per precision.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def hvp(fun: Callable[..., jax.Array], x: Any, v: Any, *args: Any) -> Any:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._curvature import DenseCurvature, compute_dtype
+from ._curvature import DenseCurvature, compute_dtype, highest_precision
 from ._masks import _topk_mask_flat, flatten, unflatten_like
 from ._obs import _project_from_inverse, saliency
 from ._validation import check_finite, check_int, check_nonnegative_scalar, check_positive_scalar
@@ -48,6 +48,7 @@ class FisherReport(NamedTuple):
     time_s: float
 
 
+@highest_precision
 def fisher_prune(
     loss_fn: Callable[[Any, Any], Any],
     params: Any,

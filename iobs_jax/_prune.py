@@ -24,6 +24,7 @@ from flax.core import FrozenDict
 
 from . import _layers
 from . import _layerwise as lw
+from ._curvature import highest_precision
 from ._validation import check_choice
 
 _METHOD_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": None, "obc": "row",
@@ -308,6 +309,7 @@ def _accumulate(stats, adapter, params, batches, specs, dtype):
 # ------------------------------------------------------------------ public API
 
 
+@highest_precision
 def prune(
     model: Any,
     params: Any,
