@@ -24,6 +24,7 @@ from flax.core import FrozenDict
 
 from . import _layers
 from . import _layerwise as lw
+from ._capture import LinenModel, NNXModel, accumulate, discover, make_stats
 from ._curvature import highest_precision
 from ._validation import check_choice
 
@@ -82,228 +83,6 @@ class PruneReport(NamedTuple):
                      f"sparsity {self.sparsity:.3f}, {self.time_s:.2f} s "
                      "(losses relative to each layer's output energy)")
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ capture
-
-
-class _Skipped(NamedTuple):
-    """A recognised layer whose configuration cannot be pruned (and why)."""
-
-    path: tuple
-    why: str
-
-
-class _Linen:
-    """Feeds batches to a Linen module and reports its prunable layers' inputs."""
-
-    def __init__(self, model, variables, apply_kwargs):
-        self.model, self.extra, self.apply_kwargs = model, variables, apply_kwargs
-        self.key = _hashable(("linen", model, tuple(sorted(apply_kwargs.items()))))
-
-    def forward(self, params, extra, args, kwargs, record):
-        def interceptor(next_fun, a, kw, context):
-            module = context.module
-            if context.method_name == "__call__" and a:
-                spec = _linen_spec(module, a[0])
-                if spec is not None:
-                    record(spec, a[0])
-            return next_fun(*a, **kw)
-
-        with nn.intercept_methods(interceptor):
-            return self.model.apply(
-                {**extra, "params": params}, *args, **kwargs, **self.apply_kwargs
-            )
-
-
-def _linen_spec(module, x):
-    path = tuple(module.path)
-    kernel = module.scope.get_variable("params", "kernel") if module.scope else None
-    if kernel is None:
-        return None
-    shape = tuple(np.shape(kernel))
-    try:
-        if isinstance(module, nn.Dense):
-            return _layers.dense_spec(path, shape)
-        if isinstance(module, nn.DenseGeneral):
-            return _layers.dense_general_spec(
-                path, shape, module.axis, np.ndim(x), module.batch_dims
-            )
-        if isinstance(module, nn.Conv):
-            return _layers.conv_spec(path, shape, module)
-    except _layers.Unsupported as err:
-        return _Skipped(path, str(err))
-    return None
-
-
-class _NNX:
-    """The same for an NNX module: split once, merge per forward, wrap layer calls."""
-
-    _TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
-
-    def __init__(self, module, apply_kwargs):
-        self.graphdef, self.params, self.extra = nnx.split(module, nnx.Param, ...)
-        self.apply_kwargs = apply_kwargs
-        self.key = _hashable(("nnx", self.graphdef, tuple(sorted(apply_kwargs.items()))))
-
-    def forward(self, params, extra, args, kwargs, record):
-        module = nnx.merge(self.graphdef, self._state(params), extra)
-        paths = {id(m): tuple(path) for path, m in nnx.iter_modules(module)}
-
-        originals = {cls: cls.__call__ for cls in self._TYPES}
-
-        def wrap(cls):
-            original = originals[cls]
-
-            def call(self_, x, *a, **kw):
-                spec = _nnx_spec(self_, paths.get(id(self_), ()), x)
-                if spec is not None:
-                    record(spec, x)
-                return original(self_, x, *a, **kw)
-
-            return call
-
-        try:
-            for cls in self._TYPES:
-                cls.__call__ = wrap(cls)
-            return module(*args, **kwargs, **self.apply_kwargs)
-        finally:
-            for cls, original in originals.items():
-                cls.__call__ = original
-
-    def pure_params(self):
-        return nnx.to_pure_dict(self.params)
-
-    def _state(self, pure):
-        state = jax.tree.map(lambda v: v, self.params)  # a copy: never mutate the caller's
-        nnx.replace_by_pure_dict(state, pure)
-        return state
-
-
-def _hashable(key):
-    """``key`` if it can key the compile cache, else None (then nothing is cached)."""
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _nnx_spec(module, path, x):
-    shape = tuple(np.shape(module.kernel.get_value()))
-    try:
-        if isinstance(module, nnx.Linear):
-            return _layers.dense_spec(path, shape)
-        if isinstance(module, nnx.LinearGeneral):
-            if module.batch_axis:
-                raise _layers.Unsupported("LinearGeneral with batch_axis")
-            return _layers.dense_general_spec(path, shape, module.axis, np.ndim(x))
-        return _layers.conv_spec(path, shape, module)
-    except _layers.Unsupported as err:
-        return _Skipped(path, str(err))
-
-
-def _split_batch(batch):
-    if isinstance(batch, dict):
-        return (), batch
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
-def _discover(adapter, params, batch):
-    """Prunable layers in call order, grouped by identical inputs (q/k/v share one)."""
-    found: dict[tuple, Any] = {}
-    groups: list[list[tuple]] = []
-    seen_inputs: dict[int, int] = {}
-    keep_alive = []
-    unsupported: dict[tuple, str] = {}
-
-    def record(spec, x):
-        if isinstance(spec, _Skipped):
-            unsupported[spec.path] = spec.why
-            return
-        if spec.path in found:
-            return
-        found[spec.path] = spec
-        keep_alive.append(x)
-        if id(x) in seen_inputs:
-            groups[seen_inputs[id(x)]].append(spec.path)
-        else:
-            seen_inputs[id(x)] = len(groups)
-            groups.append([spec.path])
-
-    args, kwargs = _split_batch(batch)
-    try:
-        jax.eval_shape(
-            lambda p, e, a, k: adapter.forward(p, e, a, k, record), params, adapter.extra,
-            args, kwargs,
-        )
-    except Exception as err:  # noqa: BLE001 - re-raised with the option named
-        raise ValueError(
-            f"calib_batches: the first calibration batch could not be fed to the model "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Each batch "
-            f"must be what model.apply / module(...) accepts: an array, a tuple of "
-            f"positional arguments, or a dict of keyword arguments."
-        ) from err
-    return found, groups, unsupported
-
-
-# ------------------------------------------------------------------ statistics
-
-
-_STATS_CACHE: dict = {}
-
-
-def _make_stats(adapter, specs: list, dtype):
-    """Jitted ``(params, extra, args, kwargs) -> {path: (X^T X, samples, all finite)}``.
-
-    Cached per (model, layers, dtype): repeated ``prune`` calls on the same model (a sweep
-    over sparsities or methods) do not recompile the forward passes.
-    """
-    key = None if adapter.key is None else (adapter.key, tuple(specs), jnp.dtype(dtype).name)
-    if key is not None and key in _STATS_CACHE:
-        return _STATS_CACHE[key]
-    wanted = {s.path: s for s in specs}
-
-    @jax.jit
-    def stats(params, extra, args, kwargs):
-        captured: dict[tuple, list] = {p: [] for p in wanted}
-
-        def record(spec, x):
-            if not isinstance(spec, _Skipped) and spec.path in wanted:
-                captured[spec.path].append(x)
-
-        # Outputs are discarded: XLA drops everything downstream of the last capture.
-        adapter.forward(params, extra, args, kwargs, record)
-        out = {}
-        for path, xs in captured.items():
-            mats = [_layers.inputs_matrix(wanted[path], x).astype(dtype) for x in xs]
-            x = jnp.concatenate(mats, axis=0)
-            out[path] = (x.T @ x, x.shape[0], jnp.all(jnp.isfinite(x)))
-        return out
-
-    if key is not None:
-        if len(_STATS_CACHE) >= 64:
-            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
-        _STATS_CACHE[key] = stats
-    return stats
-
-
-def _accumulate(stats, adapter, params, batches, specs, dtype):
-    totals = {s.path: [jnp.zeros((s.shape[1],) * 2, dtype), 0] for s in specs}
-    for batch in batches:
-        args, kwargs = _split_batch(batch)
-        for path, (xtx, n, finite) in stats(params, adapter.extra, args, kwargs).items():
-            if not bool(finite):
-                name = "/".join(map(str, path))
-                raise ValueError(
-                    f"non-finite activations at the input of layer {name}: check "
-                    f"the calibration data and the layers before it."
-                )
-            totals[path][0] = totals[path][0] + xtx
-            totals[path][1] += int(n)
-    return {p: h / max(n, 1) for p, (h, n) in totals.items()}
 
 
 # ------------------------------------------------------------------ public API
@@ -368,7 +147,8 @@ def prune(
         method (layer for magnitude and iobs, row for wanda and obc).
       filter: which layers to prune: a callable ``(name, kernel_shape) -> bool`` or a
         regular expression searched in the layer name (``"Dense_0/..."``). Default: all
-        Dense, DenseGeneral and Conv layers (NNX: Linear, LinearGeneral, Conv).
+        Dense, DenseGeneral, Conv and Einsum layers (NNX: Linear, LinearGeneral, Conv,
+        Einsum).
       hessian_dtype: ``jnp.float32`` or ``jnp.float64`` (needs ``jax_enable_x64``).
       variables: other Linen collections (e.g. ``{"batch_stats": ...}``).
       apply_kwargs: extra keyword arguments of every forward call (e.g. ``train=False``).
@@ -389,10 +169,10 @@ def prune(
                 "prune(module, calib_batches, ...): an NNX module carries its own "
                 "parameters; pass the calibration batches as the second argument."
             )
-        calib_batches, adapter = params, _NNX(model, dict(apply_kwargs or {}))
+        calib_batches, adapter = params, NNXModel(model, dict(apply_kwargs or {}))
         params = adapter.pure_params()
     elif isinstance(model, nn.Module):
-        adapter = _Linen(model, dict(variables or {}), dict(apply_kwargs or {}))
+        adapter = LinenModel(model, dict(variables or {}), dict(apply_kwargs or {}))
     else:
         raise TypeError(f"model must be a flax.linen or flax.nnx Module; got {type(model)}.")
     opts = _check_options(method, sparsity, pattern, scope, damping, hessian_dtype, rounds,
@@ -402,16 +182,16 @@ def prune(
     frozen = isinstance(params, FrozenDict)
     flat = traverse_util.flatten_dict(dict(params) if frozen else params)
 
-    found, groups, unsupported = _discover(adapter, params, batches[0])
+    found, groups, unsupported = discover(adapter, params, batches[0])
     chosen = _select(found, filter, unsupported)
     cal = batches[: len(batches) - holdout_batches]
     val = batches[len(batches) - holdout_batches :]
     ordered = [found[p] for p in found if p in chosen]
-    stats = _make_stats(adapter, ordered, dtype)
+    stats = make_stats(adapter, ordered, dtype)
 
     dense_h = None
     if not sequential or scope == "global":
-        dense_h = _accumulate(stats, adapter, params, cal, ordered, dtype)
+        dense_h = accumulate(stats, adapter, params, cal, ordered, dtype)
     per_layer = {p: sparsity for p in chosen}
     if scope == "global":
         per_layer = _allocate(found, chosen, flat, dense_h, sparsity, method, damping)
@@ -423,12 +203,12 @@ def prune(
             continue
         params_now = traverse_util.unflatten_dict(flat)
         specs = [found[p] for p in todo]
-        group_stats = _make_stats(adapter, specs, dtype) if sequential else None
+        group_stats = make_stats(adapter, specs, dtype) if sequential else None
         if sequential:
-            hs = _accumulate(group_stats, adapter, params_now, cal, specs, dtype)
+            hs = accumulate(group_stats, adapter, params_now, cal, specs, dtype)
         else:
             hs = {p: dense_h[p] for p in todo}
-        hv = (_accumulate(group_stats or stats, adapter, params_now, val, specs, dtype)
+        hv = (accumulate(group_stats or stats, adapter, params_now, val, specs, dtype)
               if val else {})
         for path in todo:
             t0 = time.perf_counter()

@@ -63,6 +63,44 @@ def test_dense_general_columns_line_up_with_the_kernel():
     np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
 
 
+@pytest.mark.parametrize(
+    "einsum_str, kernel_shape, x_shape",
+    [
+        ("btd,dhk->bthk", (6, 2, 3), (2, 5, 6)),
+        ("...hk,hkd->...d", (2, 3, 4), (2, 5, 2, 3)),
+        ("bd,ed->be", (4, 6), (3, 6)),
+    ],
+    ids=["split-heads", "merge-heads-ellipsis", "transposed-kernel"],
+)
+def test_einsum_columns_line_up_with_the_kernel(einsum_str, kernel_shape, x_shape):
+    layer = nn.Einsum(kernel_shape, einsum_str, use_bias=False)
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    params = layer.init(jax.random.key(1), x)["params"]
+    spec = _layers.einsum_spec(("e",), params["kernel"].shape, einsum_str)
+    w = _layers.kernel_to_matrix(spec, params["kernel"])
+    y = layer.apply({"params": params}, x)
+    rows = spec.shape[0]
+    out = (_layers.inputs_matrix(spec, x) @ w.T).reshape(-1, rows)
+    # the output's kernel letters are last in these examples
+    np.testing.assert_allclose(out, y.reshape(-1, rows), atol=1e-5)
+    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
+
+
+def test_einsum_with_per_head_letters_is_skipped_with_a_warning():
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Einsum((2, 3, 4), "bhd,hde->bhe", name="per_head")(x)
+            return nn.Dense(3, name="out")(y.reshape(x.shape[0], -1))
+
+    model = Heads()
+    x = jax.random.normal(jax.random.key(0), (8, 2, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+    with pytest.warns(UserWarning, match="per_head is not pruned.*block-diagonal"):
+        _, report = iobs_jax.prune(model, params, [x], sparsity=0.5)
+    assert [r.name for r in report.layers] == ["out"]
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obc", "iobs"])
 def test_prune_keeps_structure_dtypes_and_exact_sparsity(cnn, method):
     model, params, batches = cnn
@@ -168,6 +206,25 @@ def test_dense_general_model_and_tuple_batches():
     pruned, report = iobs_jax.prune(model, params, [(x, 1.0)], sparsity=0.5)
     assert [r.name for r in report.layers] == ["q", "k", "o"]
     assert all(r.shape == (8, 8) for r in report.layers)
+
+
+def test_einsum_layers_are_pruned_in_linen_and_nnx():
+    class Mix(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((8, 2, 4), "btd,dhk->bthk", name="proj")(x)
+
+    model = Mix()
+    x = jax.random.normal(jax.random.key(0), (4, 6, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    pruned, report = iobs_jax.prune(model, params, [x], sparsity=0.5)
+    assert report.layers[0].shape == (8, 8) and report.layers[0].sparsity == 0.5
+    assert float(jnp.mean(pruned["proj"]["kernel"] == 0)) == 0.5
+
+    layer = nnx.Einsum("btd,dk->btk", (8, 4), (4,), rngs=nnx.Rngs(0))
+    pruned_layer, report = iobs_jax.prune(layer, [x], sparsity=0.75)
+    assert report.layers[0].shape == (4, 8)
+    assert float(jnp.mean(pruned_layer.kernel[...] == 0)) == 0.75
 
 
 def test_non_finite_activations_name_the_layer():
