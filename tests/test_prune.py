@@ -165,6 +165,17 @@ def test_nm_pattern_and_global_scope(cnn):
     assert len({round(r.sparsity, 3) for r in report.layers}) > 1
 
 
+def test_iterations_keep_the_best_iterate_on_held_out_batches(cnn):
+    model, params, batches = cnn
+    one, rep_one = iobs_jax.prune(model, params, batches, sparsity=0.6, holdout_batches=1)
+    it, rep_it = iobs_jax.prune(model, params, batches, sparsity=0.6, holdout_batches=1,
+                                iterations=3, step_size=0.5)
+    assert rep_it.sparsity == pytest.approx(rep_one.sparsity)
+    assert jax.tree.structure(it) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match="holdout_batches"):
+        iobs_jax.prune(model, params, batches, holdout_batches=2)
+
+
 def test_filter_callable_and_report_summary(cnn):
     model, params, batches = cnn
     pruned, report = iobs_jax.prune(model, params, batches,
