@@ -3,10 +3,11 @@
 The Iterative Optimal Brain Surgeon (I-OBS, Wu et al., NeurIPS 2024) and its family:
 k-sparse projections, the OBS projection and greedy OBS, Hessian-vector-product
 curvature, IHT / I-OBS solvers that jit, vmap and take pytrees, and post-training
-pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS).
+pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS), and Optax
+transformations for sparse training (``iobs_jax.optax``).
 """
 
-from . import mnist
+from . import mnist, optax
 from ._base import Status, raise_if_failed, trajectory
 from ._curvature import (
     DenseCurvature,
@@ -46,6 +47,7 @@ __all__ = [
     "hvp",
     "make_curvature",
     "mnist",
+    "optax",
     "newton_direction",
     "nm_mask",
     "obs_project",

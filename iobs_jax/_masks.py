@@ -65,6 +65,20 @@ def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
     return jnp.zeros((size,), bool).at[idx].set(True)
 
 
+def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``).
+
+    Ranks by a stable descending sort, so ties keep the lower index exactly as
+    ``lax.top_k`` does; ``O(d log d)`` instead of top-k's cost, used only when ``k``
+    varies at run time.
+    """
+    order = jnp.argsort(-scores, stable=True)
+    ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(
+        jnp.arange(scores.shape[0], dtype=jnp.int32)
+    )
+    return ranks < k
+
+
 def topk_mask(scores: Any, k: int) -> Any:
     """Mask of the ``k`` largest scores.
 
