@@ -43,3 +43,13 @@ def test_readme_pruning_snippet_runs():
     exec(compile(code, "README pruning", "exec"), namespace)
     report = namespace["report"]
     assert abs(report.sparsity - 0.7) < 0.01 and len(report.layers) == 3
+
+
+def test_readme_optax_snippet_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Sparse training with Optax", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README optax", "exec"), namespace)
+    kernel = namespace["params"]["dense"]["kernel"]
+    assert int(jnp.sum(kernel != 0)) == 3  # 10% of 32 kept

@@ -123,6 +123,20 @@ def test_chained_with_clipping_weight_decay_and_optax_masked():
         assert zeros == 24
 
 
+def test_donated_buffers_and_checkpoint_round_trip():
+    from flax import serialization
+
+    params, loss, per_example, x, y = _problem()
+    tx = optax.chain(optax.adam(1e-2), iox.hard_threshold(0.75))
+    state = tx.init(params)
+    step = jax.jit(_step_fn(tx, loss, per_example, x, y), donate_argnums=(0, 1))
+    params, state = step(params, state)
+    restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    params, state = step(params, restored)
+    assert sum(int(jnp.sum(params[k]["kernel"] == 0)) for k in ("dense", "out")) == 36
+
+
 def test_periodic_mask_updates_hold_the_mask_in_between():
     params, loss, per_example, x, y = _problem()
     tx = optax.chain(optax.sgd(0.5), iox.hard_threshold(0.5, update_every=3))
