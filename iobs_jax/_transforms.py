@@ -124,6 +124,13 @@ class _Projector:
 
     def masks(self, scores, old_masks, count):
         """New masks from ``scores`` (a pytree like params) at mask-update steps."""
+        if self.every == 1:
+            return self._fresh(scores, count)
+        # Between mask updates skip the selection entirely (a sort per step otherwise).
+        return jax.lax.cond(count % self.every == 0, lambda: self._fresh(scores, count),
+                            lambda: old_masks)
+
+    def _fresh(self, scores, count):
         names, leaves, treedef = _paths(scores)
         chosen = _selected(scores, self.filter)
         picked = [s.astype(jnp.float32) for s, c in zip(leaves, chosen, strict=True) if c]
@@ -140,11 +147,7 @@ class _Projector:
         it = iter(new)
         out = [next(it) if c else jnp.ones(jnp.shape(x), bool)
                for x, c in zip(leaves, chosen, strict=True)]
-        fresh = jax.tree.unflatten(treedef, out)
-        if self.every == 1:
-            return fresh
-        now = count % self.every == 0
-        return jax.tree.map(lambda f, o: jnp.where(now, f, o), fresh, old_masks)
+        return jax.tree.unflatten(treedef, out)
 
     def _topk(self, scores, count):
         size = scores.shape[0]
