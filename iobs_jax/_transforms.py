@@ -100,8 +100,11 @@ class _Projector:
         else:
             _check_sparsity(sparsity)
         if pattern is not None:
-            n, m = (int(v) for v in str(pattern).split(":")) if isinstance(pattern, str) \
-                else (int(v) for v in pattern)
+            try:
+                n, m = (int(v) for v in (pattern.split(":") if isinstance(pattern, str)
+                                         else pattern))
+            except (TypeError, ValueError):
+                raise ValueError(f"pattern must be 'n:m' like '2:4'; got {pattern!r}.") from None
             if not 0 < n < m:
                 raise ValueError(f"pattern n:m needs 0 < n < m; got {pattern!r}.")
             pattern = (n, m)
@@ -117,6 +120,9 @@ class _Projector:
             m = self.pattern[1]
             names, leaves, _ = _paths(params)
             for name, leaf, c in zip(names, leaves, chosen, strict=True):
+                if c and np.ndim(leaf) < 2:
+                    raise ValueError(f"pattern {self.pattern[0]}:{m} needs kernels (2+ dims); "
+                                     f"{name} has shape {np.shape(leaf)}.")
                 if c and np.shape(leaf)[-2] % m:
                     raise ValueError(f"pattern {self.pattern[0]}:{m}: {name} has "
                                      f"{np.shape(leaf)[-2]} inputs, not a multiple of {m}.")

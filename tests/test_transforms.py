@@ -228,4 +228,8 @@ def test_misuse_gives_clear_errors():
         iox.iobs(0.1, 0.5, curvature="newton")
     with pytest.raises(ValueError, match="not a multiple of 4"):
         iox.hard_threshold(0.5, pattern="2:4").init({"k": jnp.ones((6, 3))})
+    with pytest.raises(ValueError, match="'n:m'"):
+        iox.hard_threshold(0.5, pattern="two:four")
+    with pytest.raises(ValueError, match="2\\+ dims"):
+        iox.hard_threshold(0.5, pattern="2:4", filter=lambda path, leaf: True).init(params)
     assert iobs_jax.optax is iox
