@@ -11,12 +11,17 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_quick_start_runs_and_converges():
-    readme = (ROOT / "README.md").read_text()
-    quick_start = readme.split("## Quick start", 1)[1]
-    code = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
+def _run_readme_snippet(heading: str) -> dict:
+    """Execute the first python block under ``heading`` in the README; its namespace."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README quick start", "exec"), namespace)
+    exec(compile(code, f"README {heading}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_quick_start_runs_and_converges():
+    namespace = _run_readme_snippet("## Quick start")
     assert int(namespace["state"].status) == 0
     assert namespace["xs"].shape == (100, 128)
     assert bool(jnp.all(namespace["states"].status == 0))
@@ -36,20 +41,10 @@ def test_paper_synthetic_example_prints_iteration_counts():
 
 
 def test_readme_pruning_snippet_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Pruning Flax models", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README pruning", "exec"), namespace)
-    report = namespace["report"]
+    report = _run_readme_snippet("## Pruning Flax models")["report"]
     assert abs(report.sparsity - 0.7) < 0.01 and len(report.layers) == 3
 
 
 def test_readme_optax_snippet_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Sparse training with Optax", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README optax", "exec"), namespace)
-    kernel = namespace["params"]["dense"]["kernel"]
+    kernel = _run_readme_snippet("## Sparse training with Optax")["params"]["dense"]["kernel"]
     assert int(jnp.sum(kernel != 0)) == 3  # 10% of 32 kept
