@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from ._curvature import OperatorCurvature, hvp
+from ._curvature import OperatorCurvature, highest_precision, hvp
 from ._masks import _topk_mask_dynamic, _topk_mask_flat, nm_mask
 from ._obs import project
 
@@ -264,6 +264,7 @@ def iobs(
         moment = jax.tree.map(jnp.zeros_like, params) if curvature == "diagonal" else None
         return IOBSTransformState(jnp.zeros((), jnp.int32), masks, moment)
 
+    @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
     def update_fn(updates, state, params=None, *, per_example_grads=None, loss_fn=None,
                   **_extra):
         _need_params(params, "iobs")
