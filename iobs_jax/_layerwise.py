@@ -359,7 +359,9 @@ def iobs(
     "whole-layer saliency + exact refit". ``rounds > 1`` reaches the final support in
     several rounds (kept fraction shrinking geometrically); each later round ranks the
     kept weights by ``w^2 / [(H_QQ)^{-1}]_jj``, the inverse restricted to the row's current
-    support, which approaches OBC's greedy order at a few batched solves' cost.
+    support (estimated by :func:`restricted_inverse_diag`), which approaches OBC's greedy
+    order at a few batched solves' cost (N:M masks
+    are chosen in one round: ``rounds`` does not apply to them).
     ``iterations > 1`` repeats the step from the sparse iterate; with ``h_val`` (the
     Hessian of held-out calibration inputs) the iterate with the lowest held-out loss is
     returned, otherwise the last one.
