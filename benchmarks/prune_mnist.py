@@ -390,7 +390,7 @@ def main():
                 quick=opts.quick, skip_obc=opts.skip_obc,
                 settings={s: SETTINGS[s] for s in settings},
                 methods={m: METHODS[m] for m in methods}, total_seconds=total,
-                git=git)
+                git=git, iobs_jax=str(Path(ij.__file__).parent))
     out.write_text(json.dumps(dict(meta=meta, models=all_res, bars=bars), indent=2))
     print(f"wrote {out}")
     plot(all_res, out.with_suffix(".png"))
