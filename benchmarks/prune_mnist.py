@@ -168,39 +168,36 @@ def bench_model(name: str, data_train, test, opts, settings, methods) -> dict:
                 results=results, notes=notes)
 
 
+def _table(title: str, results: dict, settings, cell) -> list[str]:
+    """A markdown table, methods x settings; ``cell(r)`` formats one successful result."""
+    out = [title, "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for mname, per in results.items():
+        cells = []
+        for s in settings:
+            r = per.get(s)
+            cells.append("-" if r is None else "error" if "error" in r else cell(r))
+        out.append(f"| {mname} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _accuracy_cell(r: dict) -> str:
+    ratio = r.get("loss_vs_sparsegpt")
+    ratio = f"{ratio:.3g}x" if ratio is not None else "-"
+    return f"{100 * r['accuracy']:.1f} / {ratio} / {r['warm_s']:.2f}"
+
+
+def _time_cell(r: dict) -> str:
+    return f"{r['cold_s']:.2f} / {r['warm_s']:.2f} / {r['warm_layers_s']:.2f}, {r['sparsity']:.3f}"
+
+
 def format_tables(name: str, res: dict, settings) -> str:
     results = res["results"]
-    out = [f"\n{name.upper()}: dense {100 * res['dense_accuracy']:.2f}%; cells: test accuracy "
-           "% / total layer loss relative to SparseGPT's / warm seconds\n"]
-    out.append("| method | " + " | ".join(settings) + " |")
-    out.append("|---|" + "---|" * len(settings))
-    for mname, per in results.items():
-        cells = []
-        for s in settings:
-            r = per.get(s)
-            if r is None:
-                cells.append("-")
-            elif "error" in r:
-                cells.append("error")
-            else:
-                ratio = r.get("loss_vs_sparsegpt")
-                ratio = f"{ratio:.3g}x" if ratio is not None else "-"
-                cells.append(f"{100 * r['accuracy']:.1f} / {ratio} / {r['warm_s']:.2f}")
-        out.append(f"| {mname} | " + " | ".join(cells) + " |")
-    out.append(f"\n{name.upper()}: seconds cold (includes compilation) / warm / warm "
-               "per-layer method time only (sum of LayerReport.time_s), achieved sparsity\n")
-    out.append("| method | " + " | ".join(settings) + " |")
-    out.append("|---|" + "---|" * len(settings))
-    for mname, per in results.items():
-        cells = []
-        for s in settings:
-            r = per.get(s)
-            if r is None or "error" in r:
-                cells.append("-" if r is None else "error")
-            else:
-                cells.append(f"{r['cold_s']:.2f} / {r['warm_s']:.2f} / "
-                             f"{r['warm_layers_s']:.2f}, {r['sparsity']:.3f}")
-        out.append(f"| {mname} | " + " | ".join(cells) + " |")
+    out = _table(f"\n{name.upper()}: dense {100 * res['dense_accuracy']:.2f}%; cells: test "
+                 "accuracy % / total layer loss relative to SparseGPT's / warm seconds\n",
+                 results, settings, _accuracy_cell)
+    out += _table(f"\n{name.upper()}: seconds cold (includes compilation) / warm / warm "
+                  "per-layer method time only (sum of LayerReport.time_s), achieved sparsity\n",
+                  results, settings, _time_cell)
     for note in res["notes"]:
         out.append(f"note: {note}")
     for mname, per in results.items():
