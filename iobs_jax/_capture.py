@@ -231,6 +231,8 @@ def accumulate(stats, adapter, params, batches, specs, dtype):
     for batch in batches:
         args, kwargs = _split_batch(batch)
         for path, (xtx, n, finite) in stats(params, adapter.extra, args, kwargs).items():
+            if path not in totals:  # a pass over more layers than asked for
+                continue
             if not bool(finite):
                 name = "/".join(map(str, path))
                 raise ValueError(

@@ -172,6 +172,9 @@ def test_iterations_keep_the_best_iterate_on_held_out_batches(cnn):
                                 iterations=3, step_size=0.5)
     assert rep_it.sparsity == pytest.approx(rep_one.sparsity)
     assert jax.tree.structure(it) == jax.tree.structure(params)
+    _, rep_par = iobs_jax.prune(model, params, batches, sparsity=0.6, holdout_batches=1,
+                                iterations=2, step_size=0.5, sequential=False)
+    assert [r.name for r in rep_par.layers] == ["conv", "hidden", "out"]
     with pytest.raises(ValueError, match="holdout_batches"):
         iobs_jax.prune(model, params, batches, holdout_batches=2)
 
