@@ -239,26 +239,29 @@ def check_bars(name: str, res: dict) -> list[dict]:
         + ("" if ok is None else f" ({100 * ar:.2f} vs {100 * dense:.2f}, "
                                  f"{100 * (ar - dense):+.2f})"), ok)
 
-    for s in SETTINGS:
-        ti, ts = get("iobs", s, "warm_s"), get("sparsegpt", s, "warm_s")
-        if None in (ti, ts):
-            continue
-        li, ls = get("iobs", s, "warm_layers_s"), get("sparsegpt", s, "warm_layers_s")
-        add(4, f"{s}: iobs warm time <= 3x sparsegpt's ({ti:.3f} s vs {ts:.3f} s, "
-            f"{ti / ts:.2f}x; per-layer method time only {li:.3f} s vs {ls:.3f} s, "
-            f"{li / ls:.2f}x)", ti <= 3 * ts)
-    if not any(b["bar"] == 4 for b in bars):
-        add(4, "iobs warm time <= 3x sparsegpt's", None)
+    def time_bars(bar, ours, ref, within, describe, missing):
+        """One timing bar per setting where both methods ran (warm call and layers only)."""
+        for s in SETTINGS:
+            t, t_ref = get(ours, s, "warm_s"), get(ref, s, "warm_s")
+            if None in (t, t_ref):
+                continue
+            lay, lay_ref = get(ours, s, "warm_layers_s"), get(ref, s, "warm_layers_s")
+            add(bar, describe(s, t, t_ref, lay, lay_ref), within(t, t_ref))
+        if not any(b["bar"] == bar for b in bars):
+            add(bar, missing, None)
 
-    for s in SETTINGS:
-        tr, to = get("iobs-rounds", s, "warm_s"), get("obc", s, "warm_s")
-        if None in (tr, to):
-            continue
-        lr, lo = get("iobs-rounds", s, "warm_layers_s"), get("obc", s, "warm_layers_s")
-        add(5, f"{s}: iobs-rounds warm time <= obc's / 10 ({tr:.3f} s vs {to:.3f} s, "
-            f"1/{to / tr:.1f}; per-layer method time only 1/{lo / lr:.1f})", tr <= to / 10)
-    if not any(b["bar"] == 5 for b in bars):
-        add(5, "iobs-rounds warm time <= obc's / 10 (obc not run)", None)
+    time_bars(
+        4, "iobs", "sparsegpt", lambda t, r: t <= 3 * r,
+        lambda s, t, r, lt, lr: (f"{s}: iobs warm time <= 3x sparsegpt's ({t:.3f} s vs "
+                                 f"{r:.3f} s, {t / r:.2f}x; per-layer method time only "
+                                 f"{lt:.3f} s vs {lr:.3f} s, {lt / lr:.2f}x)"),
+        "iobs warm time <= 3x sparsegpt's")
+    time_bars(
+        5, "iobs-rounds", "obc", lambda t, r: t <= r / 10,
+        lambda s, t, r, lt, lr: (f"{s}: iobs-rounds warm time <= obc's / 10 ({t:.3f} s vs "
+                                 f"{r:.3f} s, 1/{r / t:.1f}; per-layer method time only "
+                                 f"1/{lr / lt:.1f})"),
+        "iobs-rounds warm time <= obc's / 10 (obc not run)")
     return bars
 
 
