@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="use the dense model's activations for every layer (faster)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=prune_command)
+    # Other subcommands live in their own modules: each has register(sub), which adds its
+    # parser and sets func=... (one line per module here).
     return parser
 
 
@@ -150,8 +153,7 @@ def prune_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "prune":
-            prune_command(args)
+        args.func(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"iobs-jax {args.command}: error: {message}", file=sys.stderr)
