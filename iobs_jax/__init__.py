@@ -7,8 +7,9 @@ pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS), and Optax
 transformations for sparse training (``iobs_jax.optax``).
 """
 
-from . import mnist, optax
+from . import bert, corpus, mnist, optax
 from ._base import Status, raise_if_failed, trajectory
+from ._blocks import prune_blocks
 from ._curvature import (
     DenseCurvature,
     OperatorCurvature,
@@ -55,6 +56,9 @@ __all__ = [
     "obs_saliency",
     "power_iteration",
     "prune",
+    "prune_blocks",
+    "bert",
+    "corpus",
     "raise_if_failed",
     "topk_mask",
     "trajectory",

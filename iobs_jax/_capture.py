@@ -191,19 +191,23 @@ def discover(adapter, params, batch):
 _STATS_CACHE: dict = {}
 
 
-def make_stats(adapter, specs: list, dtype):
-    """Jitted ``(params, extra, args, kwargs) -> {path: (X^T X, samples, all finite)}``.
+def make_stats(adapter, specs: list, dtype, *, masked: bool = False, cross: bool = False):
+    """Jitted ``(params, dense_params, extra, args, kwargs, mask) -> {path: sums}``.
 
-    Cached per (model, layers, dtype): repeated ``prune`` calls on the same model (a sweep
-    over sparsities or methods) do not recompile the forward passes.
+    ``sums = (X^T X, samples, all finite, X_d^T X, X_d^T X_d)`` per layer, ``X`` the
+    layer's inputs under ``params``; with ``cross`` also ``X_d``, its inputs under
+    ``dense_params`` (else the last two are None). With ``masked`` the rows of ``X``
+    (token positions) are weighted by ``mask`` (0 for padding) and ``samples`` is the
+    mask's sum. Cached per (model, layers, dtype, flags): repeated ``prune`` calls on the
+    same model (a sweep over sparsities or methods) do not recompile the forward passes.
     """
-    key = None if adapter.key is None else (adapter.key, tuple(specs), jnp.dtype(dtype).name)
+    key = None if adapter.key is None else (
+        adapter.key, tuple(specs), jnp.dtype(dtype).name, masked, cross)
     if key is not None and key in _STATS_CACHE:
         return _STATS_CACHE[key]
     wanted = {s.path: s for s in specs}
 
-    @jax.jit
-    def stats(params, extra, args, kwargs):
+    def inputs(params, extra, args, kwargs, mask):
         captured: dict[tuple, list] = {p: [] for p in wanted}
 
         def record(spec, x):
@@ -214,9 +218,23 @@ def make_stats(adapter, specs: list, dtype):
         adapter.forward(params, extra, args, kwargs, record)
         out = {}
         for path, xs in captured.items():
-            mats = [_layers.inputs_matrix(wanted[path], x).astype(dtype) for x in xs]
-            x = jnp.concatenate(mats, axis=0)
-            out[path] = (x.T @ x, x.shape[0], jnp.all(jnp.isfinite(x)))
+            mats = [_weighted_rows(wanted[path], x, mask, dtype) for x in xs]
+            out[path] = jnp.concatenate(mats, axis=0)
+        return out
+
+    @jax.jit
+    def stats(params, dense_params, extra, args, kwargs, mask, dense_args, dense_kwargs):
+        xp = inputs(params, extra, args, kwargs, mask)
+        xd = inputs(dense_params, extra, dense_args, dense_kwargs, mask) if cross else {}
+        n_rows = {p: x.shape[0] for p, x in xp.items()}
+        out = {}
+        for path, x in xp.items():
+            n = n_rows[path] if mask is None else jnp.sum(mask) * (x.shape[0] // mask.size)
+            finite = jnp.all(jnp.isfinite(x))
+            if cross:
+                out[path] = (x.T @ x, n, finite, xd[path].T @ x, xd[path].T @ xd[path])
+            else:
+                out[path] = (x.T @ x, n, finite, None, None)
         return out
 
     if key is not None:
@@ -226,11 +244,46 @@ def make_stats(adapter, specs: list, dtype):
     return stats
 
 
-def accumulate(stats, adapter, params, batches, specs, dtype):
-    totals = {s.path: [jnp.zeros((s.shape[1],) * 2, dtype), 0] for s in specs}
-    for batch in batches:
+def _weighted_rows(spec, x, mask, dtype):
+    """The layer's input matrix, rows multiplied by ``mask`` (token positions) if given."""
+    mat = _layers.inputs_matrix(spec, x).astype(dtype)
+    if mask is None:
+        return mat
+    lead = tuple(np.shape(x))[: mask.ndim]
+    ok = spec.kind == "dense" or (
+        spec.kind == "dense_general"
+        and tuple(spec.in_axes) == tuple(range(np.ndim(x) - len(spec.in_axes), np.ndim(x)))
+    )
+    if not ok or lead != tuple(mask.shape) or mat.shape[0] % mask.size:
+        raise ValueError(
+            f"sample_mask of shape {tuple(mask.shape)} does not line up with the inputs "
+            f"{tuple(np.shape(x))} of layer {spec.name}: the mask must cover the leading "
+            f"(batch, position) axes of every pruned Dense layer's input."
+        )
+    # Rows of a dense input are its leading axes flattened in order (mask.size divides).
+    reps = mat.shape[0] // mask.size
+    weights = jnp.repeat(mask.reshape(-1).astype(dtype), reps)
+    return mat * weights[:, None]
+
+
+def accumulate(stats, adapter, params, batches, specs, dtype, *, dense_params=None,
+               masks=None, dense_batches=None):
+    """Average the statistics over ``batches``: ``{path: LayerStats}``.
+
+    ``masks`` (one per batch, or None) weight token positions; ``dense_params`` and
+    ``dense_batches`` (default: ``batches``) feed the cross statistics of a ``cross=True``
+    stats function.
+    """
+    from ._layerwise import LayerStats
+
+    totals: dict[tuple, list] = {s.path: [None, None, None, 0.0] for s in specs}
+    masks = [None] * len(batches) if masks is None else masks
+    dense_batches = batches if dense_batches is None else dense_batches
+    for batch, mask, dense_batch in zip(batches, masks, dense_batches, strict=True):
         args, kwargs = _split_batch(batch)
-        for path, (xtx, n, finite) in stats(params, adapter.extra, args, kwargs).items():
+        dargs, dkwargs = _split_batch(dense_batch)
+        out = stats(params, dense_params, adapter.extra, args, kwargs, mask, dargs, dkwargs)
+        for path, (xtx, n, finite, cross, dtd) in out.items():
             if path not in totals:  # a pass over more layers than asked for
                 continue
             if not bool(finite):
@@ -239,6 +292,19 @@ def accumulate(stats, adapter, params, batches, specs, dtype):
                     f"non-finite activations at the input of layer {name}: check "
                     f"the calibration data and the layers before it."
                 )
-            totals[path][0] = totals[path][0] + xtx
-            totals[path][1] += int(n)
-    return {p: h / max(n, 1) for p, (h, n) in totals.items()}
+            acc = totals[path]
+            for i, value in enumerate((xtx, cross, dtd)):
+                if value is not None:
+                    acc[i] = value if acc[i] is None else acc[i] + value
+            acc[3] += float(n)
+    out = {}
+    for spec in specs:
+        h, cross, dtd, n = totals[spec.path]
+        if h is None:  # no batch (an empty held-out set is never asked for)
+            h = jnp.zeros((spec.shape[1],) * 2, dtype)
+        scale = 1.0 / max(n, 1.0)
+        out[spec.path] = LayerStats(
+            h * scale, None if cross is None else cross * scale,
+            None if dtd is None else dtd * scale,
+        )
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,48 @@ def layer_loss(w: jax.Array, w0: jax.Array, h: jax.Array) -> jax.Array:
     """``tr((W - W0) H (W - W0)^T)``: the layer's mean squared output error."""
     delta = (w - w0).astype(h.dtype)
     return jnp.sum((delta @ h) * delta)
+
+
+class LayerStats(NamedTuple):
+    """Calibration statistics of one layer, averaged over ``N`` samples (token positions).
+
+    ``h = X X^T / N`` of the inputs the layer receives in the (partly pruned) model; with
+    dense-output targets also ``cross = X_d X^T / N`` and ``hd = X_d X_d^T / N``, ``X_d``
+    the inputs the same layer receives in the dense model (else both None).
+    """
+
+    h: jax.Array
+    cross: jax.Array | None = None
+    hd: jax.Array | None = None
+
+
+@jax.jit
+def target_loss(w: jax.Array, w0: jax.Array, stats: LayerStats) -> jax.Array:
+    """``||W X - W0 X_d||^2 / N``: the layer's error against the dense model's outputs.
+
+    Equals :func:`layer_loss` ``(w, w0, h)`` when there are no cross statistics
+    (``X_d = X``). Expanded: ``tr(W H W^T) - 2 tr(W C^T W0^T) + tr(W0 H_d W0^T)``.
+    """
+    if stats.cross is None:
+        return layer_loss(w, w0, stats.h)
+    w, w0 = w.astype(stats.h.dtype), w0.astype(stats.h.dtype)
+    value = (jnp.sum((w @ stats.h) * w) - 2.0 * jnp.sum(w * (w0 @ stats.cross))
+             + jnp.sum((w0 @ stats.hd) * w0))
+    return jnp.maximum(value, 0.0)  # rounding can make an exact fit slightly negative
+
+
+@jax.jit
+def dense_target(w0: jax.Array, stats: LayerStats, h_damped: jax.Array) -> jax.Array:
+    """The dense least-squares point for dense-model targets: ``W0 C (H + lambda I)^{-1}``.
+
+    ``||W X - W0 X_d||^2 = tr((W - W~) H (W - W~)^T) + const`` with ``W~ H = W0 C``, so
+    every method that minimizes ``tr((W - W0) H (W - W0)^T)`` minimizes the dense-target
+    loss when given ``W~`` in place of ``W0``: the layer then also corrects the error its
+    pruned predecessors left in its inputs.
+    """
+    rhs = (w0.astype(h_damped.dtype) @ stats.cross).T
+    chol = jnp.linalg.cholesky(h_damped)
+    return cho_solve((chol, True), rhs).T
 
 
 def keep_count(size: int, sparsity: float) -> int:
@@ -345,6 +388,7 @@ def iobs(
     step_size=1.0,
     h_val=None,
     solver="cg",
+    val_loss=None,
     cg_tol=1e-3,
     cg_maxiter=200,
 ):
@@ -364,7 +408,8 @@ def iobs(
     are chosen in one round: ``rounds`` does not apply to them).
     ``iterations > 1`` repeats the step from the sparse iterate; with ``h_val`` (the
     Hessian of held-out calibration inputs) the iterate with the lowest held-out loss is
-    returned, otherwise the last one.
+    returned, otherwise the last one; ``val_loss(W)`` (a callable) replaces ``h_val``
+    when the held-out loss is not ``layer_loss(W, W0, h_val)`` (dense-output targets).
 
     ``solver="cg"`` projects with :func:`refit_cg` (default: fast, loss within about
     ``cg_tol`` of exact); ``"cholesky"`` with the exact batched :func:`refit`.
@@ -381,8 +426,10 @@ def iobs(
             target = w_t - step_size * (w_t - w0)
             mask = _support(target, h, g, sparsity, scope, nm, rounds, cg_tol, cg_maxiter)
             w_t = refit(target, mask, h, g)
-        if h_val is not None:
-            val = float(layer_loss(w_t, w0, h_val))
+        if val_loss is None and h_val is not None:
+            val_loss = functools.partial(layer_loss, w0=w0, h=h_val)
+        if val_loss is not None:
+            val = float(val_loss(w_t))
             if best is None or val < best[0]:
                 best = (val, w_t, mask)
     if best is not None:

@@ -9,6 +9,7 @@ classes' ``__call__`` wrapped for the duration of the call), accumulates
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import warnings
@@ -107,6 +108,9 @@ def prune(
     iterations: int = 1,
     step_size: float = 1.0,
     holdout_batches: int = 0,
+    target: str = "local",
+    sample_mask: Callable[[Any], Any] | Iterable[Any] | None = None,
+    dense_batches: Iterable[Any] | None = None,
     variables: dict | None = None,
     apply_kwargs: dict | None = None,
     verbose: bool = False,
@@ -134,6 +138,13 @@ def prune(
     ``iterations > 1`` repeats the step with ``step_size`` and keeps the iterate with the
     lowest loss on the last ``holdout_batches`` batches).
 
+    Targets: ``target="local"`` (default) reconstructs each layer's own dense output on
+    the inputs it receives, ``||W X - W0 X||^2``; ``target="dense"`` (sequential mode)
+    reconstructs the dense model's output, ``||W X - W0 X_d||^2`` with ``X_d`` the dense
+    model's inputs to that layer, so each layer also corrects the error left upstream
+    (the methods run on the least-squares point ``W~ = W0 X_d X^T (X X^T)^{-1}``;
+    magnitude and Wanda, which do not reconstruct, are unaffected).
+
     Args:
       model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
       params: Linen ``"params"`` collection (for NNX pass the batches here).
@@ -150,6 +161,14 @@ def prune(
         Dense, DenseGeneral, Conv and Einsum layers (NNX: Linear, LinearGeneral, Conv,
         Einsum).
       hessian_dtype: ``jnp.float32`` or ``jnp.float64`` (needs ``jax_enable_x64``).
+      sample_mask: for sequence models with padding: ``sample_mask(batch)`` returns a
+        0/1 array over the batch's leading ``(batch, position)`` axes (e.g.
+        ``lambda b: b["attention_mask"]``); positions where it is 0 are left out of every
+        layer's statistics. Each pruned layer's input must have those leading axes. A
+        list of such arrays (one per batch) is accepted too.
+      dense_batches: with ``target="dense"``, the dense model's version of each batch
+        when the batches are themselves activations of an already pruned model (as in
+        :func:`prune_blocks`); default: the same batches.
       variables: other Linen collections (e.g. ``{"batch_stats": ...}``).
       apply_kwargs: extra keyword arguments of every forward call (e.g. ``train=False``).
 
@@ -178,20 +197,38 @@ def prune(
     opts = _check_options(method, sparsity, pattern, scope, damping, hessian_dtype, rounds,
                           iterations, blocksize, holdout_batches)
     method, sparsity, nm, scope, dtype = opts
+    target = check_choice(target, "target", ("local", "dense"))
+    if target == "dense" and not sequential:
+        raise ValueError("target='dense' needs sequential=True (without it every layer "
+                         "already sees the dense model's inputs).")
     batches = _check_batches(calib_batches, holdout_batches)
+    masks_all = _sample_masks(sample_mask, batches)
+    if dense_batches is not None:
+        if target != "dense":
+            raise ValueError("dense_batches is only used with target='dense'.")
+        dense_batches = list(dense_batches)
+        if len(dense_batches) != len(batches):
+            raise ValueError(f"dense_batches has {len(dense_batches)} batches; "
+                             f"calib_batches has {len(batches)}.")
+    else:
+        dense_batches = batches
     frozen = isinstance(params, FrozenDict)
     flat = traverse_util.flatten_dict(dict(params) if frozen else params)
 
     found, groups, unsupported = discover(adapter, params, batches[0])
     chosen = _select(found, filter, unsupported)
-    cal = batches[: len(batches) - holdout_batches]
-    val = batches[len(batches) - holdout_batches :]
+    n_cal = len(batches) - holdout_batches
+    cal, val = batches[:n_cal], batches[n_cal:]
+    cal_masks = None if masks_all is None else masks_all[:n_cal]
+    val_masks = None if masks_all is None else masks_all[n_cal:]
+    masked, cross = masks_all is not None, target == "dense"
     ordered = [found[p] for p in found if p in chosen]
-    stats = make_stats(adapter, ordered, dtype)
+    stats = make_stats(adapter, ordered, dtype, masked=masked)
+    dense_params = params
 
     dense_h = None
     if not sequential or scope == "global":
-        dense_h = accumulate(stats, adapter, params, cal, ordered, dtype)
+        dense_h = accumulate(stats, adapter, params, cal, ordered, dtype, masks=cal_masks)
     per_layer = {p: sparsity for p in chosen}
     if scope == "global":
         per_layer = _allocate(found, chosen, flat, dense_h, sparsity, method, damping)
@@ -203,28 +240,33 @@ def prune(
             continue
         params_now = traverse_util.unflatten_dict(flat)
         specs = [found[p] for p in todo]
-        group_stats = make_stats(adapter, specs, dtype) if sequential else None
+        group_stats = (make_stats(adapter, specs, dtype, masked=masked, cross=cross)
+                       if sequential else stats)
+        dense_cal = dense_val = None
+        if cross:
+            dense_cal, dense_val = dense_batches[:n_cal], dense_batches[n_cal:]
         if sequential:
-            hs = accumulate(group_stats, adapter, params_now, cal, specs, dtype)
+            hs = accumulate(group_stats, adapter, params_now, cal, specs, dtype,
+                            masks=cal_masks, dense_params=dense_params, dense_batches=dense_cal)
         else:
             hs = {p: dense_h[p] for p in todo}
-        hv = (accumulate(group_stats or stats, adapter, params_now, val, specs, dtype)
-              if val else {})
+        hv = (accumulate(group_stats, adapter, params_now, val, specs, dtype, masks=val_masks,
+                         dense_params=dense_params, dense_batches=dense_val) if val else {})
         for path in todo:
             t0 = time.perf_counter()
             spec = found[path]
             kernel = flat[path + ("kernel",)]
             w0 = _layers.kernel_to_matrix(spec, jnp.asarray(kernel)).astype(dtype)
-            h = hs[path]
+            st = hs[path]
             w, mask = _run_method(
-                method, w0, h, per_layer[path], nm, scope, damping, blocksize, rounds,
+                method, w0, st, per_layer[path], nm, scope, damping, blocksize, rounds,
                 iterations, step_size, hv.get(path), spec.name,
             )
             jax.block_until_ready(w)  # JAX is asynchronous: time the work, not the dispatch
             seconds = time.perf_counter() - t0
             flat[path + ("kernel",)] = _layers.matrix_to_kernel(spec, w).astype(kernel.dtype)
             masks[path + ("kernel",)] = _layers.matrix_to_kernel(spec, mask)
-            reports.append(_report(spec, w0, w, mask, h, seconds))
+            reports.append(_report(spec, w0, w, mask, st, seconds))
             if verbose:
                 print(f"pruned {spec.name} {spec.shape}: loss {reports[-1].loss:.4e}")
 
@@ -240,8 +282,9 @@ def prune(
     return out, report
 
 
-def _run_method(method, w0, h, sparsity, nm, scope, damping, blocksize, rounds, iterations,
-                step_size, h_val, name):
+def _run_method(method, w0, stats, sparsity, nm, scope, damping, blocksize, rounds,
+                iterations, step_size, val_stats, name):
+    h = stats.h
     hd = lw.damp_hessian(h, damping)
     rows, cols = w0.shape
     if nm is not None and cols % nm[1]:
@@ -253,6 +296,11 @@ def _run_method(method, w0, h, sparsity, nm, scope, damping, blocksize, rounds, 
         return lw.magnitude(w0, hd, sparsity, scope, nm)
     if method == "wanda":
         return lw.wanda(w0, h, sparsity, scope, nm)
+    val_loss = None
+    if val_stats is not None:
+        val_loss = functools.partial(lw.target_loss, w0=w0, stats=val_stats)
+    if stats.cross is not None:  # dense-model targets: reconstruct W~ = W0 C H^{-1}
+        w0 = lw.dense_target(w0, stats, hd)
     if method == "sparsegpt":
         return lw.sparsegpt(w0, hd, sparsity, nm, min(blocksize, cols))
     if method == "obc":
@@ -266,22 +314,25 @@ def _run_method(method, w0, h, sparsity, nm, scope, damping, blocksize, rounds, 
         return lw.obc(w0, hd, sparsity)
     return lw.iobs(
         w0, hd, sparsity, scope, nm, rounds=rounds, iterations=iterations,
-        step_size=step_size, h_val=h_val,
+        step_size=step_size, val_loss=val_loss,
     )
 
 
-def _report(spec, w0, w, mask, h, seconds):
-    sparsity, masked, loss, energy = (float(v) for v in _losses(w0, w, mask, h))
+def _report(spec, w0, w, mask, stats, seconds):
+    sparsity, masked, loss, energy = (float(v) for v in _losses(w0, w, mask, stats))
     return LayerReport(spec.name, spec.kind, spec.shape, sparsity, masked, loss, energy, seconds)
 
 
 @jax.jit
-def _losses(w0, w, mask, h):
+def _losses(w0, w, mask, stats):
+    # Losses against the target the layer was fitted to (the dense model's outputs with
+    # target="dense"); the energy is always that of the dense outputs.
+    dense_h = stats.h if stats.hd is None else stats.hd
     return (
         1.0 - jnp.mean(mask),
-        lw.layer_loss(jnp.where(mask, w0, 0.0), w0, h),
-        lw.layer_loss(w, w0, h),
-        lw.layer_loss(jnp.zeros_like(w0), w0, h),
+        lw.target_loss(jnp.where(mask, w0, 0.0), w0, stats),
+        lw.target_loss(w, w0, stats),
+        lw.layer_loss(jnp.zeros_like(w0), w0, dense_h),
     )
 
 
@@ -291,8 +342,8 @@ def _allocate(found, chosen, flat, dense_h, sparsity, method, damping):
     for path in chosen:
         spec = found[path]
         w0 = _layers.kernel_to_matrix(spec, jnp.asarray(flat[path + ("kernel",)]))
-        w0 = w0.astype(dense_h[path].dtype)
-        h = dense_h[path]
+        h = dense_h[path].h
+        w0 = w0.astype(h.dtype)
         if method == "magnitude":
             s = jnp.abs(w0)
         elif method == "wanda":
@@ -372,6 +423,33 @@ def _parse_pattern(pattern):
     if not 0 < n < m:
         raise ValueError(f"pattern n:m needs 0 < n < m; got {n}:{m}.")
     return n, m
+
+
+def _sample_masks(sample_mask, batches):
+    """``sample_mask(batch)`` for every batch as float arrays, or None; checked."""
+    if sample_mask is None:
+        return None
+    if callable(sample_mask):
+        arrays = [sample_mask(batch) for batch in batches]
+    elif isinstance(sample_mask, (list, tuple)):
+        arrays = list(sample_mask)
+        if len(arrays) != len(batches):
+            raise ValueError(f"sample_mask has {len(arrays)} arrays; calib_batches has "
+                             f"{len(batches)} batches.")
+    else:
+        raise TypeError("sample_mask must be a callable batch -> 0/1 array (e.g. "
+                        "lambda b: b['attention_mask']) or a list of arrays, one per batch.")
+    out = []
+    for i, m in enumerate(arrays):
+        m = np.asarray(m)
+        if m.ndim < 1 or m.dtype.kind not in "biuf" or not np.all((m == 0) | (m == 1)):
+            raise ValueError(f"sample_mask(calib_batches[{i}]) must be a 0/1 array over the "
+                             f"leading (batch, position) axes; got dtype {m.dtype}, shape "
+                             f"{m.shape}.")
+        if not m.any():
+            raise ValueError(f"sample_mask(calib_batches[{i}]) is all zero.")
+        out.append(jnp.asarray(m, jnp.float32))
+    return out
 
 
 def _check_batches(calib_batches, holdout):

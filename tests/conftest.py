@@ -4,7 +4,9 @@ Tests that check dtype preservation create float32 inputs explicitly.
 """
 
 import gzip
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -48,3 +50,70 @@ def write_idx_split(directory, split, n=7, seed=0, gz=True):
         else:
             name.write_bytes(data)
     return images, labels
+
+
+# ------------------------------------------------------------------ a tiny BERT checkpoint
+
+WORDS = ("the a cat dog sat on mat warm quiet man is playing guitar street return value "
+         "of function list file read write data and or not if this that with from by "
+         "to for each new old open close").split()
+TINY_BERT = dict(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+            type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu", model_type="bert")
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0) -> dict:
+    """A random BERT in Hugging Face layout; returns its tensors."""
+    rng = np.random.default_rng(seed)
+    c = TINY_BERT
+    d, inner = c["hidden_size"], c["intermediate_size"]
+    t = {}
+
+    def lin(name, n_out, n_in):
+        t[name + ".weight"] = rng.normal(0, 0.2, (n_out, n_in)).astype(np.float32)
+        t[name + ".bias"] = rng.normal(0, 0.1, (n_out,)).astype(np.float32)
+
+    def norm(name):
+        t[name + ".weight"] = (1 + 0.1 * rng.normal(size=d)).astype(np.float32)
+        t[name + ".bias"] = (0.1 * rng.normal(size=d)).astype(np.float32)
+
+    t["embeddings.word_embeddings.weight"] = rng.normal(size=(c["vocab_size"], d)).astype(
+        np.float32)
+    t["embeddings.position_embeddings.weight"] = rng.normal(
+        size=(c["max_position_embeddings"], d)).astype(np.float32)
+    t["embeddings.token_type_embeddings.weight"] = rng.normal(size=(2, d)).astype(np.float32)
+    norm("embeddings.LayerNorm")
+    for i in range(c["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            lin(p + "attention.self." + name, d, d)
+        lin(p + "attention.output.dense", d, d)
+        norm(p + "attention.output.LayerNorm")
+        lin(p + "intermediate.dense", inner, d)
+        lin(p + "output.dense", d, inner)
+        norm(p + "output.LayerNorm")
+    t["pooler.dense.weight"] = np.zeros((d, d), np.float32)  # ignored by the encoder
+    path.mkdir(parents=True, exist_ok=True)
+    import tokenizers
+    from safetensors.numpy import save_file
+
+    save_file(t, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(c))
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(path / "tokenizer.json"))
+    return t
+
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """(folder, tensors) of a random 2-layer BERT checkpoint in Hugging Face layout."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    path = tmp_path_factory.mktemp("tiny_bert")
+    return path, write_tiny_checkpoint(path)
