@@ -7,7 +7,7 @@ pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS), and Optax
 transformations for sparse training (``iobs_jax.optax``).
 """
 
-from . import bert, corpus, mnist, optax
+from . import bert, corpus, mnist, optax, problems, sweep
 from ._base import Status, raise_if_failed, trajectory
 from ._blocks import prune_blocks
 from ._curvature import (
@@ -26,10 +26,15 @@ from ._iobs import IOBS, IOBSState
 from ._masks import hard_threshold, nm_mask, topk_mask
 from ._obs import greedy_obs, obs_project, obs_project_from_inverse, obs_saliency
 from ._prune import LayerReport, PruneReport, prune
+from ._pursuit import OBSPursuit, OBSPursuitState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OBSPursuit",
+    "OBSPursuitState",
+    "problems",
+    "sweep",
     "IHT",
     "IHTState",
     "IOBS",

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import _cli_transformer
+from . import _cli_sweep, _cli_transformer
 
 _METHODS = ("magnitude", "wanda", "sparsegpt", "obc", "iobs")
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=prune_command)
     # Other subcommands live in their own modules: each has register(sub), which adds its
     # parser and sets func=... (one line per module here).
+    _cli_sweep.register(sub)
     _cli_transformer.register(sub)
     return parser
 

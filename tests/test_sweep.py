@@ -1,0 +1,171 @@
+"""Recovery sweeps and OBS pursuit: oracles (vmapped == looped, same key, sharded ==
+unsharded), the table files, plots, and clear errors."""
+
+import csv
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import iobs_jax as ij
+from iobs_jax import sweep as sw
+from iobs_jax.problems import mse_loss, sparse_linear_regression
+
+KEY = jax.random.key(3)
+SMALL = dict(d=32, n=[12], k=[4], trials=6, key=KEY)
+
+
+@pytest.fixture(scope="module")
+def small_sweep():
+    return sw.sweep(["htp", "obs-pursuit"], **SMALL)
+
+
+def test_sweep_equals_solving_each_instance_in_a_loop(small_sweep):
+    cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(KEY, 12), 4), 0)
+    gen = jax.jit(functools.partial(sparse_linear_regression, n=12, d=32, k=4))
+    for name in ("htp", "obs-pursuit"):
+        solver = sw.make_solver(name, 4, n=12, d=32)
+        got = small_sweep.trials[(name, 12, 4, 0.0)]
+        for t in range(SMALL["trials"]):
+            prob = gen(jax.random.fold_in(cell_key, t))
+            x, state = solver.run(jnp.zeros(32), prob.design, prob.observations)
+            err = float(jnp.linalg.norm(x - prob.x_true) / jnp.linalg.norm(prob.x_true))
+            np.testing.assert_allclose(got["rel_error"][t], err, rtol=1e-6, atol=1e-12)
+            assert got["iterations"][t] == int(state.iter_num)
+
+
+def test_same_key_same_results_and_table_files(small_sweep, tmp_path):
+    again = sw.sweep(["htp"], **SMALL)
+    np.testing.assert_array_equal(again.trials[("htp", 12, 4, 0.0)]["rel_error"],
+                                  small_sweep.trials[("htp", 12, 4, 0.0)]["rel_error"])
+    csv_path, json_path = small_sweep.save(tmp_path)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["method"] for r in rows] == ["htp", "obs-pursuit"]
+    saved = json.loads(json_path.read_text())
+    assert saved["config"]["trials"] == 6 and len(saved["rows"]) == 2
+    for r in saved["rows"]:
+        errs = small_sweep.trials[(r["method"], 12, 4, 0.0)]["rel_error"]
+        assert r["success_rate"] == pytest.approx(float(np.mean(errs < 1e-3)))
+        assert r["median_rel_error"] == pytest.approx(float(np.median(errs)))
+        assert 0 <= r["support_recovery"] <= 1 and r["ms_per_instance"] > 0
+    assert "| htp | 12 | 4 |" in small_sweep.table()
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    script = textwrap.dedent("""
+        import jax, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from iobs_jax import sweep as sw
+        assert len(jax.devices()) == 4
+        kw = dict(d=24, n=[10], k=[3], trials=7, key=jax.random.key(5), chunk_size=2)
+        four = sw.sweep(["obs-pursuit"], **kw)
+        one = sw.sweep(["obs-pursuit"], devices=jax.devices()[:1], **kw)
+        a, b = four.trials[("obs-pursuit", 10, 3, 0.0)], one.trials[("obs-pursuit", 10, 3, 0.0)]
+        for f in a:
+            np.testing.assert_allclose(a[f], b[f], rtol=1e-9, atol=1e-14)
+        assert four.config["devices"] == 4 and a["rel_error"].shape == (7,)
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_obs_pursuit_recovers_where_htp_fails():
+    """d=64, n=24, k*=8: candidate set + greedy OBS beats HTP's magnitude top-k."""
+    res = sw.sweep(["htp", "obs-pursuit"], d=64, n=[24], k=[8], trials=40,
+                   key=jax.random.key(0))
+    rate = {r["method"]: r["success_rate"] for r in res.rows}
+    assert rate["obs-pursuit"] >= rate["htp"] + 0.15, rate
+    assert rate["obs-pursuit"] >= 0.6, rate
+
+
+def test_obs_pursuit_fixed_point_is_least_squares_on_its_support():
+    prob = sparse_linear_regression(jax.random.key(1), 20, 40, 5, noise=0.1)
+    x, state = ij.OBSPursuit(5).run(jnp.zeros(40), prob.design, prob.observations)
+    assert int(state.status) == ij.Status.SUCCESSFUL and int(jnp.sum(x != 0)) == 5
+    np.testing.assert_array_equal(state.mask, x != 0)
+    a = np.asarray(prob.design)[:, np.asarray(state.mask)]
+    z = np.linalg.lstsq(a, np.asarray(prob.observations), rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(x)[np.asarray(state.mask)], z, rtol=1e-8)
+    # jit == no jit; the primal form (n >= d) gives the same answer as the paper's setting.
+    x2, _ = ij.OBSPursuit(5, jit=False).run(jnp.zeros(40), prob.design, prob.observations)
+    np.testing.assert_allclose(x, x2, rtol=1e-10, atol=1e-14)
+    big = sparse_linear_regression(jax.random.key(2), 60, 30, 4)
+    xb, sb = ij.OBSPursuit(4, candidates=4).run(jnp.zeros(30), big.design, big.observations)
+    assert float(jnp.linalg.norm(xb - big.x_true)) < 1e-10 and int(sb.iter_num) <= 2
+
+
+def test_obs_pursuit_with_candidates_k_matches_topk_iobs_with_the_gram_hessian():
+    """n > d: one true-Hessian Topk-I-OBS step (dense IOBS) == OBSPursuit(candidates=k)."""
+    prob = sparse_linear_regression(jax.random.key(4), 50, 20, 3, noise=0.05)
+    x_iobs, _ = ij.IOBS(mse_loss, 6, hessian=sw.mse_hessian, maxiter=1).run(
+        jnp.zeros(20), prob.design, prob.observations)
+    x_p, _ = ij.OBSPursuit(6, candidates=6, damping=0.0, maxiter=1).run(
+        jnp.zeros(20), prob.design, prob.observations)
+    np.testing.assert_allclose(x_p, x_iobs, rtol=1e-8, atol=1e-12)
+
+
+def test_convergence_curves_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    probs = jax.vmap(functools.partial(sparse_linear_regression, n=30, d=16, k=3))(
+        jax.random.split(KEY, 4))
+    curves = sw.convergence({"iht": ij.IHT(mse_loss, 6),
+                             "pursuit": ij.OBSPursuit(6, candidates=6)}, probs, 20)
+    assert curves["iht"]["loss"].shape == (4, 21) and curves["iht"]["x"].shape == (4, 16)
+    assert np.all(curves["pursuit"]["distance"][:, -1] < 1e-10)
+    assert np.all(curves["iht"]["distance"][:, 0] == 1.0)
+    res = sw.SweepResult([dict(method=m, n=n, d=16, k=k, noise=0.0, success_rate=s)
+                          for m, n, k, s in [("a", 8, 2, 1.0), ("a", 8, 4, 0.5),
+                                             ("a", 12, 2, 1.0), ("a", 12, 4, 0.75)]], {}, {})
+    for path in (sw.plot_phase_transition(res.rows, tmp_path / "p.png"),
+                 sw.plot_convergence(curves, tmp_path / "c.png"),
+                 sw.plot_image_grid(np.eye(4, 16), {"x": np.eye(4, 16)}, tmp_path / "i.png")):
+        assert path.stat().st_size > 1000
+
+
+def test_recover_signals_with_per_signal_sparsity():
+    signals = jnp.zeros((3, 16)).at[0, :3].set(1.0).at[1, 5:9].set(2.0).at[2, 1].set(5.0)
+    out = sw.recover_signals(lambda k: ij.OBSPursuit(k, candidates=k), signals, 32,
+                             key=KEY)
+    assert np.all(out["rel_error"] < 1e-10) and out["x"].shape == (3, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(solvers=["nope"]), ValueError, "solver must be one of"),
+        (dict(k=[40]), ValueError, "k must be <= d"),
+        (dict(n=[0]), ValueError, "n must be in"),
+        (dict(trials=0), ValueError, "trials must be in"),
+        (dict(prior="mnist"), ValueError, "needs signals"),
+        (dict(prior="laplace"), ValueError, "prior must be one of"),
+        (dict(noise=[-1.0]), ValueError, "noise must be"),
+        (dict(solvers={"x": 3}), TypeError, "factories"),
+    ],
+)
+def test_bad_sweep_arguments_raise_before_any_compile(kwargs, error, needle):
+    args = dict(SMALL, solvers=["htp"])
+    args.update(kwargs)
+    with pytest.raises(error, match=needle):
+        sw.sweep(args.pop("solvers"), **args)
+
+
+def test_obs_pursuit_bad_options():
+    with pytest.raises(ValueError, match="candidates must be"):
+        ij.OBSPursuit(5, candidates=3)
+    with pytest.raises(ValueError, match="needs candidates=k"):
+        ij.OBSPursuit(5, candidates=8, refit=False)
+    with pytest.raises(ValueError, match="A \\(n, d\\), y \\(n,\\)"):
+        ij.OBSPursuit(2).run(jnp.zeros(5), jnp.ones((4, 6)), jnp.ones(4))
+    with pytest.raises(ValueError, match="obs-pursuit"):
+        sw.make_solver("obs-pursuit", 3, n=10, d=20, problem="logistic")
