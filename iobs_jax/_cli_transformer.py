@@ -58,7 +58,7 @@ def calibration_batches(tokenizer, sentences: Sequence[str], batch_size: int) ->
 def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Sequence[str],
                    configs: Sequence[Config], *, sparsity: float = 0.5, batch_size: int = 64,
                    damping: float = 0.01, target: str = "dense", scope: str | None = None,
-                   iobs_scope: str = "row", step_size: float = 0.5,
+                   iobs_scope: str | None = "row", step_size: float = 0.5,
                    say=print) -> list[dict[str, Any]]:
     """Prune ``model`` once per configuration; one record per configuration.
 
@@ -71,7 +71,13 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
     """
     from . import bert
 
-    batches = calibration_batches(tokenizer, list(calib), batch_size)
+    calib = list(calib)
+    batches = calibration_batches(tokenizer, calib, batch_size)
+    # For iterations > 1: the last batch is held out to pick the best iterate; it is a
+    # random sample (the corpus order), not the longest sentences of the sorted batches.
+    n_fit = max(len(calib) - batch_size, 1)
+    held_batches = (calibration_batches(tokenizer, calib[:n_fit], batch_size)
+                    + [tokenizer(calib[n_fit:])]) if len(calib) > 1 else batches
     dense = bert.embed(model, params, tokenizer, held_out, batch_size)
     records = []
     for cfg in configs:
@@ -84,11 +90,13 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
             iobs_scope if cfg.method == "iobs" else None)
         if use_scope is not None:
             kwargs["scope"] = use_scope
+        use = batches
         if cfg.iterations > 1:
-            # Keep the best iterate on the last calibration batch, held out from the fit.
+            # Keep the best iterate on a calibration batch held out from the fit.
             kwargs.update(iterations=cfg.iterations, step_size=step_size, holdout_batches=1)
+            use = held_batches
         t0 = time.perf_counter()
-        pruned, report = bert.prune_encoder(model, params, batches, **kwargs)
+        pruned, report = bert.prune_encoder(model, params, use, **kwargs)
         seconds = time.perf_counter() - t0
         emb = bert.embed(model, pruned, tokenizer, held_out, batch_size)
         rec = {

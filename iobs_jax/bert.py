@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._curvature import highest_precision
+
 __all__ = ["BertConfig", "BertEncoder", "BertLayer", "Tokenizer", "load_bert",
            "default_checkpoint", "convert_state_dict", "embed", "mean_pool", "pool",
            "prune_encoder"]
@@ -348,6 +350,7 @@ def _jitted_apply(model):
     return _APPLY_CACHE[model]
 
 
+@highest_precision
 def prune_encoder(model: BertEncoder, params: Any, batches: Sequence[dict], **prune_kwargs):
     """Prune every Dense layer of the encoder's Transformer layers, layer by layer.
 

@@ -9,6 +9,7 @@ sentence-transformers when its package is installed.
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def tiny(tiny_bert_dir):
 def test_tiny_checkpoint_matches_a_numpy_bert(tiny):
     _, tensors, model, params, tok = tiny
     batch = tok(SENTENCES)
-    got = np.asarray(model.apply({"params": params}, **batch))
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 products
+        got = np.asarray(model.apply({"params": params}, **batch))
     want = numpy_bert(tensors, batch["input_ids"], batch["attention_mask"].astype(float))
     np.testing.assert_allclose(got, want, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
@@ -167,6 +169,4 @@ def test_corpus_errors():
 
 def test_bert_params_are_float32(tiny):
     params = tiny[3]
-    import jax
-
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
