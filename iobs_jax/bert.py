@@ -141,7 +141,8 @@ class BertEncoder(nn.Module):
 
     ``__call__(input_ids, attention_mask, token_type_ids=None)`` with ``(B, L)`` int
     arrays returns ``(B, hidden)`` sentence embeddings: the mean of the last hidden states
-    over the positions where ``attention_mask`` is 1, L2-normalised when ``normalize``.
+    over the positions where ``attention_mask`` is 1 (``pooling="cls"``: the first
+    token's state), L2-normalised when ``normalize``.
     ``output="tokens"`` returns the ``(B, L, hidden)`` last hidden states instead.
     Padded positions never influence real ones (their keys are masked out).
 
@@ -152,6 +153,7 @@ class BertEncoder(nn.Module):
     config: BertConfig
     normalize: bool = True
     output: str = "sentence"
+    pooling: str = "mean"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
@@ -161,6 +163,10 @@ class BertEncoder(nn.Module):
             h = BertLayer(self.config, name=f"layer_{i}")(h, bias)
         if self.output == "tokens":
             return h
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+            return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True),
+                                        1e-12) if self.normalize else pooled
         return pool(h, attention_mask, self.normalize)
 
     def blocks(self) -> list[BertLayer]:
@@ -250,9 +256,10 @@ def convert_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> di
 def load_bert(path: str | Path | None = None, *, normalize: bool = True):
     """Load a BERT checkpoint directory: ``(BertEncoder, params, Tokenizer)``.
 
-    ``path`` holds ``config.json``, ``model.safetensors`` and ``tokenizer.json``
-    (a sentence-transformers directory may also hold ``sentence_bert_config.json`` with
-    ``max_seq_length``); default: :func:`default_checkpoint` (all-MiniLM-L6-v2).
+    ``path`` holds ``config.json``, ``model.safetensors`` and ``tokenizer.json``; a
+    sentence-transformers directory may also hold ``sentence_bert_config.json``
+    (``max_seq_length``) and ``1_Pooling/config.json`` (mean or CLS pooling; other modes
+    raise). Default: :func:`default_checkpoint` (all-MiniLM-L6-v2).
     """
     root = Path(path).expanduser() if path is not None else default_checkpoint()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -272,7 +279,20 @@ def load_bert(path: str | Path | None = None, *, normalize: bool = True):
     if st_config.is_file():
         max_len = min(max_len, int(json.loads(st_config.read_text())["max_seq_length"]))
     tokenizer = Tokenizer(root / "tokenizer.json", max_length=max_len)
-    return BertEncoder(config, normalize=normalize), params, tokenizer
+    return BertEncoder(config, normalize=normalize, pooling=_pooling(root)), params, tokenizer
+
+
+def _pooling(root: Path) -> str:
+    path = root / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return "mean"
+    modes = {k for k, v in json.loads(path.read_text()).items()
+             if k.startswith("pooling_mode") and v}
+    if modes <= {"pooling_mode_mean_tokens"}:
+        return "mean"
+    if modes == {"pooling_mode_cls_token"}:
+        return "cls"
+    raise ValueError(f"{path}: pooling {sorted(modes)} is not supported (mean or CLS only).")
 
 
 class Tokenizer:

