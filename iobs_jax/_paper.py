@@ -43,8 +43,9 @@ _TRUE_STEPS = 5  # the true-Hessian variant has converged long before
 
 def _methods(k: int, n: int) -> dict:
     return {_IHT: IHT(problems.mse_loss, k),
-            _AUTHORS: OBSPursuit(k, candidates=k, refit=False, step_size=2.0 / n, maxiter=10**6),
-            _TRUE: OBSPursuit(k, candidates=k)}
+            _AUTHORS: OBSPursuit(k, candidates=k, refit=False, step_size=2.0 / n,
+                                 monotone=False),
+            _TRUE: OBSPursuit(k, candidates=k, monotone=False)}
 
 
 def _curves(k: int, n: int, probs, steps: int) -> dict:

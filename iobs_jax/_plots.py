@@ -115,7 +115,9 @@ def plot_image_grid(truth: np.ndarray, recovered: Mapping[str, np.ndarray], path
         raise ValueError(f"truth must be (N, d) with d a square number; got {truth.shape}.")
     rows = [("true", truth), *((k, np.asarray(v)) for k, v in recovered.items())]
     count = truth.shape[0]
-    fig, axes = plt.subplots(len(rows), count, figsize=(0.9 * count, 1.05 * len(rows)),
+    label_width = 0.075 * max(len(name) for name, _ in rows) + 0.2  # inches for row labels
+    width = 0.9 * count + label_width
+    fig, axes = plt.subplots(len(rows), count, figsize=(width, 1.05 * len(rows)),
                              squeeze=False)
     vmax = float(truth.max()) or 1.0
     for i, (name, images) in enumerate(rows):
@@ -127,7 +129,8 @@ def plot_image_grid(truth: np.ndarray, recovered: Mapping[str, np.ndarray], path
             if errors is not None and name in errors:
                 ax.set_title(f"{errors[name][j]:.0e}", fontsize=6, pad=1)
         axes[i, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    fig.subplots_adjust(left=0.12, right=0.99, top=0.97, bottom=0.01, hspace=0.35, wspace=0.05)
+    fig.subplots_adjust(left=label_width / width, right=0.99, top=0.97, bottom=0.01,
+                        hspace=0.35, wspace=0.05)
     return _save(fig, plt, path)
 
 

@@ -88,6 +88,9 @@ class OBSPursuit:
       step_size: ``eta`` in ``x~ = x_t + eta * (Newton step)`` (default 1).
       refit: ``False`` keeps ``x~`` on the chosen support instead of the least-squares
         fit (needs ``candidates=k``: without a fit there is no OBS pruning).
+      monotone: stop (status ``SUCCESSFUL``, the better iterate kept) as soon as an update
+        does not lower the loss, Subspace Pursuit's rule: without it an instance that
+        cannot be recovered cycles among supports until ``maxiter``.
       maxiter, tol, jit: as in :class:`IOBS`.
 
     ``run(x0, A, y)`` with ``A`` ``(n, d)``, ``y`` ``(n,)`` and ``x0`` ``(d,)`` is jit- and
@@ -105,6 +108,7 @@ class OBSPursuit:
     damping: Any = 1e-6
     step_size: Any = 1.0
     refit: bool = True
+    monotone: bool = True
     maxiter: int = 50
     tol: float = 1e-6
     jit: bool = True
@@ -159,6 +163,10 @@ class OBSPursuit:
         args = (design, observations)
         prob = setup_problem(self.fun, x, args, self.k, "OBSPursuit", validate=False)
         x_new, mask = self._step(x, state.grad, state.inverse, design, observations)
+        if self.monotone:  # Subspace Pursuit's rule: stop once the loss stops decreasing
+            worse = self.fun(x_new, design, observations) >= state.value
+            x_new = jnp.where(worse & (state.iter_num > 0), x, x_new)
+            mask = jnp.where(worse & (state.iter_num > 0), state.mask, mask)
         x_out, fields = finish_update(prob, x, x_new, mask, state, args, self.tol)
         return x_out, OBSPursuitState(**fields, inverse=state.inverse)
 

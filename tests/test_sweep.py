@@ -19,7 +19,9 @@ from iobs_jax import sweep as sw
 from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 KEY = jax.random.key(3)
-SMALL = dict(d=32, n=[12], k=[4], trials=6, key=KEY)
+# A hard cell (k*/n = 1/3, n/d = 3/8): candidate set + greedy OBS beats HTP's top-k.
+SMALL = dict(d=64, n=[24], k=[8], trials=40, key=KEY)
+CELL = (24, 8, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +29,21 @@ def small_sweep():
     return sw.sweep(["htp", "obs-pursuit"], **SMALL)
 
 
+def test_obs_pursuit_recovers_where_htp_fails(small_sweep):
+    rate = {r["method"]: r["success_rate"] for r in small_sweep.rows}
+    assert rate["obs-pursuit"] >= rate["htp"] + 0.15, rate
+    assert rate["obs-pursuit"] >= 0.6, rate
+
+
 def test_sweep_equals_solving_each_instance_in_a_loop(small_sweep):
-    cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(KEY, 12), 4), 0)
-    gen = jax.jit(functools.partial(sparse_linear_regression, n=12, d=32, k=4))
+    cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(KEY, 24), 8), 0)
+    gen = jax.jit(functools.partial(sparse_linear_regression, n=24, d=64, k=8))
     for name in ("htp", "obs-pursuit"):
-        solver = sw.make_solver(name, 4, n=12, d=32)
-        got = small_sweep.trials[(name, 12, 4, 0.0)]
-        for t in range(SMALL["trials"]):
+        solver = sw.make_solver(name, 8, n=24, d=64)
+        got = small_sweep.trials[(name, *CELL)]
+        for t in range(0, SMALL["trials"], 5):
             prob = gen(jax.random.fold_in(cell_key, t))
-            x, state = solver.run(jnp.zeros(32), prob.design, prob.observations)
+            x, state = solver.run(jnp.zeros(64), prob.design, prob.observations)
             err = float(jnp.linalg.norm(x - prob.x_true) / jnp.linalg.norm(prob.x_true))
             np.testing.assert_allclose(got["rel_error"][t], err, rtol=1e-6, atol=1e-12)
             assert got["iterations"][t] == int(state.iter_num)
@@ -43,19 +51,19 @@ def test_sweep_equals_solving_each_instance_in_a_loop(small_sweep):
 
 def test_same_key_same_results_and_table_files(small_sweep, tmp_path):
     again = sw.sweep(["htp"], **SMALL)
-    np.testing.assert_array_equal(again.trials[("htp", 12, 4, 0.0)]["rel_error"],
-                                  small_sweep.trials[("htp", 12, 4, 0.0)]["rel_error"])
+    np.testing.assert_array_equal(again.trials[("htp", *CELL)]["rel_error"],
+                                  small_sweep.trials[("htp", *CELL)]["rel_error"])
     csv_path, json_path = small_sweep.save(tmp_path)
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["method"] for r in rows] == ["htp", "obs-pursuit"]
     saved = json.loads(json_path.read_text())
-    assert saved["config"]["trials"] == 6 and len(saved["rows"]) == 2
+    assert saved["config"]["trials"] == 40 and len(saved["rows"]) == 2
     for r in saved["rows"]:
-        errs = small_sweep.trials[(r["method"], 12, 4, 0.0)]["rel_error"]
+        errs = small_sweep.trials[(r["method"], *CELL)]["rel_error"]
         assert r["success_rate"] == pytest.approx(float(np.mean(errs < 1e-3)))
         assert r["median_rel_error"] == pytest.approx(float(np.median(errs)))
         assert 0 <= r["support_recovery"] <= 1 and r["ms_per_instance"] > 0
-    assert "| htp | 12 | 4 |" in small_sweep.table()
+    assert "| htp | 24 | 8 |" in small_sweep.table()
 
 
 def test_sharded_over_four_devices_equals_one_device():
@@ -80,15 +88,6 @@ def test_sharded_over_four_devices_equals_one_device():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
-def test_obs_pursuit_recovers_where_htp_fails():
-    """d=64, n=24, k*=8: candidate set + greedy OBS beats HTP's magnitude top-k."""
-    res = sw.sweep(["htp", "obs-pursuit"], d=64, n=[24], k=[8], trials=40,
-                   key=jax.random.key(0))
-    rate = {r["method"]: r["success_rate"] for r in res.rows}
-    assert rate["obs-pursuit"] >= rate["htp"] + 0.15, rate
-    assert rate["obs-pursuit"] >= 0.6, rate
-
-
 def test_obs_pursuit_fixed_point_is_least_squares_on_its_support():
     prob = sparse_linear_regression(jax.random.key(1), 20, 40, 5, noise=0.1)
     x, state = ij.OBSPursuit(5).run(jnp.zeros(40), prob.design, prob.observations)
@@ -97,9 +96,7 @@ def test_obs_pursuit_fixed_point_is_least_squares_on_its_support():
     a = np.asarray(prob.design)[:, np.asarray(state.mask)]
     z = np.linalg.lstsq(a, np.asarray(prob.observations), rcond=None)[0]
     np.testing.assert_allclose(np.asarray(x)[np.asarray(state.mask)], z, rtol=1e-8)
-    # jit == no jit; the primal form (n >= d) gives the same answer as the paper's setting.
-    x2, _ = ij.OBSPursuit(5, jit=False).run(jnp.zeros(40), prob.design, prob.observations)
-    np.testing.assert_allclose(x, x2, rtol=1e-10, atol=1e-14)
+    # The primal form (n >= d): one step lands on x*.
     big = sparse_linear_regression(jax.random.key(2), 60, 30, 4)
     xb, sb = ij.OBSPursuit(4, candidates=4).run(jnp.zeros(30), big.design, big.observations)
     assert float(jnp.linalg.norm(xb - big.x_true)) < 1e-10 and int(sb.iter_num) <= 2
@@ -154,7 +151,7 @@ def test_recover_signals_with_per_signal_sparsity():
     ],
 )
 def test_bad_sweep_arguments_raise_before_any_compile(kwargs, error, needle):
-    args = dict(SMALL, solvers=["htp"])
+    args = dict(SMALL, d=32, solvers=["htp"])
     args.update(kwargs)
     with pytest.raises(error, match=needle):
         sw.sweep(args.pop("solvers"), **args)
