@@ -28,9 +28,8 @@ def main():
     calib = corpus.stdlib_sentences("calibration", opts.calib)
     held_out = corpus.stdlib_sentences("evaluation", opts.eval)
 
-    # Batches of similar length: little padding; padded positions are masked out anyway.
-    order = np.argsort(tokenizer.lengths(calib), kind="stable")
-    batches = [tokenizer([calib[i] for i in order[s : s + 64]]) for s in range(0, len(calib), 64)]
+    # Batches of similar length: little padding (padded positions are masked out anyway).
+    batches = tokenizer.batches(calib, batch_size=64)
 
     t0 = time.perf_counter()
     shape = {"pattern": opts.pattern} if opts.pattern else {"sparsity": 0.5}

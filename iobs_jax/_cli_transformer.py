@@ -48,13 +48,6 @@ def mean_cosine(dense: np.ndarray, pruned: np.ndarray) -> float:
     return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
-def calibration_batches(tokenizer, sentences: Sequence[str], batch_size: int) -> list[dict]:
-    """Tokenized batches of sentences sorted by length (little padding, few shapes)."""
-    order = np.argsort(tokenizer.lengths(sentences), kind="stable")
-    return [tokenizer([sentences[i] for i in order[s : s + batch_size]])
-            for s in range(0, len(sentences), batch_size)]
-
-
 def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Sequence[str],
                    configs: Sequence[Config], *, sparsity: float = 0.5, batch_size: int = 64,
                    damping: float = 0.01, target: str = "dense", scope: str | None = None,
@@ -72,11 +65,11 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
     from . import bert
 
     calib = list(calib)
-    batches = calibration_batches(tokenizer, calib, batch_size)
+    batches = tokenizer.batches(calib, batch_size)
     # For iterations > 1: the last batch is held out to pick the best iterate; it is a
     # random sample (the corpus order), not the longest sentences of the sorted batches.
     n_fit = max(len(calib) - batch_size, 1)
-    held_batches = (calibration_batches(tokenizer, calib[:n_fit], batch_size)
+    held_batches = (tokenizer.batches(calib[:n_fit], batch_size)
                     + [tokenizer(calib[n_fit:])]) if len(calib) > 1 else batches
     dense = bert.embed(model, params, tokenizer, held_out, batch_size)
     records = []

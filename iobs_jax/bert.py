@@ -341,6 +341,17 @@ class Tokenizer:
             out["token_type_ids"][i, :n] = e.type_ids
         return out
 
+    def batches(self, sentences: Sequence[str], batch_size: int = 64) -> list[dict]:
+        """Tokenized batches of ``batch_size`` sentences grouped by length (sorted by token
+        count, stable): little padding and few distinct shapes, so calibration passes
+        compute and compile less. The order of the sentences is not kept."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+        sentences = list(sentences)
+        order = np.argsort(self.lengths(sentences), kind="stable")
+        return [self([sentences[i] for i in order[s : s + batch_size]])
+                for s in range(0, len(sentences), batch_size)]
+
     def lengths(self, sentences: Sequence[str]) -> np.ndarray:
         """Token counts (with the special tokens, after truncation)."""
         return np.array([len(e.ids) for e in self._tok.encode_batch(list(sentences))])

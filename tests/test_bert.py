@@ -105,6 +105,10 @@ def test_tokenizer_pads_to_a_multiple_and_truncates(tiny):
         tok([])
     with pytest.raises(ValueError, match="shorter than the longest"):
         tok(["a man is playing guitar"], length=3)
+    batches = tok.batches(["the cat", "a man is playing guitar on the street", "the dog"], 2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 4), (1, 6)]
+    with pytest.raises(ValueError, match="batch_size"):
+        tok.batches(["the cat"], 0)
 
 
 def test_pooling_mode_is_read_from_a_sentence_transformers_folder(tmp_path, tiny):
