@@ -279,7 +279,25 @@ def load_bert(path: str | Path | None = None, *, normalize: bool = True):
     if st_config.is_file():
         max_len = min(max_len, int(json.loads(st_config.read_text())["max_seq_length"]))
     tokenizer = Tokenizer(root / "tokenizer.json", max_length=max_len)
-    return BertEncoder(config, normalize=normalize, pooling=_pooling(root)), params, tokenizer
+    model = BertEncoder(config, normalize=normalize, pooling=_pooling(root))
+    _check_shapes(model, params, root)
+    return model, params, tokenizer
+
+
+def _check_shapes(model: BertEncoder, params: dict, root: Path) -> None:
+    """Every tensor must have the shape config.json implies (else a clear error now, not an
+    opaque one inside the first forward pass)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    want = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))["params"]
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        expected = flat_want.get(path)
+        if expected is None or tuple(expected.shape) != tuple(leaf.shape):
+            name = "/".join(str(getattr(p, "key", p)) for p in path)
+            raise ValueError(
+                f"{root}: tensor for {name} has shape {tuple(leaf.shape)}; config.json implies "
+                f"{None if expected is None else tuple(expected.shape)}."
+            )
 
 
 def _pooling(root: Path) -> str:

@@ -6,7 +6,9 @@ pass; the real all-MiniLM-L6-v2 is checked against reference embeddings from
 sentence-transformers when its package is installed.
 """
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -112,8 +114,6 @@ def test_tokenizer_pads_to_a_multiple_and_truncates(tiny):
 
 
 def test_pooling_mode_is_read_from_a_sentence_transformers_folder(tmp_path, tiny):
-    import shutil
-
     path = tmp_path / "cls"
     shutil.copytree(tiny[0], path)
     (path / "1_Pooling").mkdir()
@@ -136,6 +136,12 @@ def test_loader_errors_name_the_missing_piece(tmp_path, tiny):
     with pytest.raises(ValueError, match="encoder.layer.1.output.dense.weight"):
         bert.convert_state_dict(tensors, bert.BertConfig(**{
             k: v for k, v in TINY.items() if k != "model_type"}))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"layer_0/intermediate/\w+ has shape \(64,?"):
+        bert.load_bert(bad)
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         bert.BertConfig(hidden_size=30, num_attention_heads=4)
 
