@@ -134,6 +134,22 @@ def _sparse_signal(k_support: jax.Array, k_values: jax.Array, d: int, k: int, pr
     return jnp.zeros((d,), dtype).at[idx].set(values), support
 
 
+def _draw(key, n, d, k, design, rho, prior, dtype):
+    """Validate the sizes and options, then draw ``A``, the ``k``-sparse ``x`` and its
+    support; returns ``(A, x, support, observation_key)``. One key split shared by every
+    generator, so the same key gives the same ``A`` and ``x`` in all of them."""
+    n = check_int(n, "n", low=1)
+    d = check_int(d, "d", low=1)
+    k = check_int(k, "k", low=0, high=d)
+    rho = _check_design(design, rho)
+    check_choice(prior, "prior", PRIORS)
+    dtype = _dtype(dtype)
+    k_design, k_support, k_values, k_obs = jax.random.split(key, 4)
+    a = _design(k_design, n, d, design, rho, dtype)
+    x_true, support = _sparse_signal(k_support, k_values, d, k, prior, dtype)
+    return a, x_true, support, k_obs
+
+
 def sparse_linear_regression(
     key: jax.Array, n: int, d: int, k: int, *, noise: Any = 0.0, dtype: Any = None,
     design: str = "gaussian", rho: Any = 0.0, prior: str = "gaussian",
@@ -158,17 +174,9 @@ def sparse_linear_regression(
       >>> prob.design.shape, int(prob.support.sum())
       ((256, 128), 16)
     """
-    n = check_int(n, "n", low=1)
-    d = check_int(d, "d", low=1)
-    k = check_int(k, "k", low=0, high=d)
     noise = check_nonnegative_scalar(noise, "noise")
-    rho = _check_design(design, rho)
-    check_choice(prior, "prior", PRIORS)
-    dtype = _dtype(dtype)
-    k_design, k_support, k_values, k_noise = jax.random.split(key, 4)
-    a = _design(k_design, n, d, design, rho, dtype)
-    x_true, support = _sparse_signal(k_support, k_values, d, k, prior, dtype)
-    y = a @ x_true + noise.astype(dtype) * jax.random.normal(k_noise, (n,), dtype)
+    a, x_true, support, k_noise = _draw(key, n, d, k, design, rho, prior, dtype)
+    y = a @ x_true + noise.astype(a.dtype) * jax.random.normal(k_noise, (a.shape[0],), a.dtype)
     return SparseRegression(a, y, x_true, support)
 
 
@@ -227,17 +235,9 @@ def sparse_logistic_regression(
     is :func:`logistic_loss`. Example:
     ``sparse_logistic_regression(jax.random.key(0), 500, 50, 5).observations[:3]``.
     """
-    n = check_int(n, "n", low=1)
-    d = check_int(d, "d", low=1)
-    k = check_int(k, "k", low=0, high=d)
-    rho = _check_design(design, rho)
-    check_choice(prior, "prior", PRIORS)
-    dtype = _dtype(dtype)
-    k_design, k_support, k_values, k_labels = jax.random.split(key, 4)
-    a = _design(k_design, n, d, design, rho, dtype)
-    x_true, support = _sparse_signal(k_support, k_values, d, k, prior, dtype)
-    p = jax.nn.sigmoid(jnp.sqrt(jnp.asarray(n, dtype)) * (a @ x_true))
-    y = jax.random.bernoulli(k_labels, p).astype(dtype)
+    a, x_true, support, k_labels = _draw(key, n, d, k, design, rho, prior, dtype)
+    p = jax.nn.sigmoid(jnp.sqrt(jnp.asarray(a.shape[0], a.dtype)) * (a @ x_true))
+    y = jax.random.bernoulli(k_labels, p).astype(a.dtype)
     return SparseRegression(a, y, x_true, support)
 
 
@@ -251,17 +251,10 @@ def quadratic_measurements(
     whose gradient vanishes at ``x = 0``: start solvers from :func:`spectral_init`.
     Example: ``quadratic_measurements(jax.random.key(0), 200, 64, 4).observations.min() >= 0``.
     """
-    n = check_int(n, "n", low=1)
-    d = check_int(d, "d", low=1)
-    k = check_int(k, "k", low=0, high=d)
     noise = check_nonnegative_scalar(noise, "noise")
-    rho = _check_design(design, rho)
-    check_choice(prior, "prior", PRIORS)
-    dtype = _dtype(dtype)
-    k_design, k_support, k_values, k_noise = jax.random.split(key, 4)
-    a = _design(k_design, n, d, design, rho, dtype)
-    x_true, support = _sparse_signal(k_support, k_values, d, k, prior, dtype)
-    y = (a @ x_true) ** 2 + noise.astype(dtype) * jax.random.normal(k_noise, (n,), dtype)
+    a, x_true, support, k_noise = _draw(key, n, d, k, design, rho, prior, dtype)
+    y = (a @ x_true) ** 2 + noise.astype(a.dtype) * jax.random.normal(
+        k_noise, (a.shape[0],), a.dtype)
     return SparseRegression(a, y, x_true, support)
 
 
