@@ -25,11 +25,12 @@ __all__ = ["prune_blocks"]
 _APPLY: dict = {}
 
 
-def _apply(block):
-    """``(params, args) -> block.apply({"params": params}, *args)``, jitted once per block."""
-    if block not in _APPLY:
-        _APPLY[block] = jax.jit(lambda p, args: block.apply({"params": p}, *args))
-    return _APPLY[block]
+def jitted_apply(module):
+    """``(params, args, kwargs) -> module.apply({"params": params}, *args, **kwargs)``,
+    jitted once per (equal) module."""
+    if module not in _APPLY:
+        _APPLY[module] = jax.jit(lambda p, args, kw: module.apply({"params": p}, *args, **kw))
+    return _APPLY[module]
 
 
 def _default_carry(output, args):
@@ -115,9 +116,9 @@ def prune_blocks(
             print(f"block {i}: {len(report.layers)} layers, layer loss "
                   f"{report.total_loss:.4e}, {report.time_s:.1f} s")
         if i + 1 < len(blocks):
-            forward = _apply(block)
-            args = [carry(forward(pruned, a), a) for a in args]
+            forward = jitted_apply(block)
+            args = [carry(forward(pruned, a, {}), a) for a in args]
             if dense_args is not None:
-                dense_args = [carry(forward(p, a), a) for a in dense_args]
+                dense_args = [carry(forward(p, a, {}), a) for a in dense_args]
     method = prune_kwargs.get("method", "iobs")
     return new_params, PruneReport(method, layers, mask_trees, time.perf_counter() - start)

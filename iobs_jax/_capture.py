@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import nnx
 
 from . import _layers
+from ._layerwise import LayerStats
 
 
 class _Skipped(NamedTuple):
@@ -274,14 +275,13 @@ def accumulate(stats, adapter, params, batches, specs, dtype, *, dense_params=No
     ``dense_batches`` (default: ``batches``) feed the cross statistics of a ``cross=True``
     stats function.
     """
-    from ._layerwise import LayerStats
-
     totals: dict[tuple, list] = {s.path: [None, None, None, 0.0] for s in specs}
     masks = [None] * len(batches) if masks is None else masks
     dense_batches = batches if dense_batches is None else dense_batches
     for batch, mask, dense_batch in zip(batches, masks, dense_batches, strict=True):
         args, kwargs = _split_batch(batch)
-        dargs, dkwargs = _split_batch(dense_batch)
+        # Without cross statistics the dense inputs are never read: do not pass them in.
+        dargs, dkwargs = _split_batch(dense_batch) if dense_params is not None else ((), {})
         out = stats(params, dense_params, adapter.extra, args, kwargs, mask, dargs, dkwargs)
         for path, (xtx, n, finite, cross, dtd) in out.items():
             if path not in totals:  # a pass over more layers than asked for

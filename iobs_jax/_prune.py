@@ -247,11 +247,13 @@ def prune(
             dense_cal, dense_val = dense_batches[:n_cal], dense_batches[n_cal:]
         if sequential:
             hs = accumulate(group_stats, adapter, params_now, cal, specs, dtype,
-                            masks=cal_masks, dense_params=dense_params, dense_batches=dense_cal)
+                            masks=cal_masks, dense_params=dense_params if cross else None,
+                            dense_batches=dense_cal)
         else:
             hs = {p: dense_h[p] for p in todo}
         hv = (accumulate(group_stats, adapter, params_now, val, specs, dtype, masks=val_masks,
-                         dense_params=dense_params, dense_batches=dense_val) if val else {})
+                         dense_params=dense_params if cross else None,
+                         dense_batches=dense_val) if val else {})
         for path in todo:
             t0 = time.perf_counter()
             spec = found[path]

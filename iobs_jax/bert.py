@@ -178,7 +178,10 @@ class BertEncoder(nn.Module):
 
     def embeddings(self, params, batch):
         """``(hidden, attention_bias)`` entering the first layer."""
-        return _jitted_apply(_Embeddings(self.config, parent=None))(params["embeddings"], batch)
+        from ._blocks import jitted_apply
+
+        embeddings = _Embeddings(self.config, parent=None)
+        return jitted_apply(embeddings)(params["embeddings"], (), batch)
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -381,22 +384,16 @@ def embed(model: BertEncoder, params: Any, tokenizer: Tokenizer, sentences: Sequ
     little padding; returned in the input order)."""
     sentences = list(sentences)
     order = np.argsort(tokenizer.lengths(sentences), kind="stable")
-    apply = _jitted_apply(model)
+    from ._blocks import jitted_apply
+
+    apply = jitted_apply(model)
     out = np.zeros((len(sentences), model.config.hidden_size), np.float32)
     for start in range(0, len(sentences), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer([sentences[i] for i in idx])
-        out[idx] = np.asarray(apply(params, batch))
+        out[idx] = np.asarray(apply(params, (), batch))
     return out
 
-
-_APPLY_CACHE: dict = {}
-
-
-def _jitted_apply(model):
-    if model not in _APPLY_CACHE:
-        _APPLY_CACHE[model] = jax.jit(lambda p, b: model.apply({"params": p}, **b))
-    return _APPLY_CACHE[model]
 
 
 @highest_precision
