@@ -135,9 +135,13 @@ def initial_fields(prob: Problem, x: jax.Array, args: tuple, k: int) -> dict:
 
 
 def finish_update(
-    prob: Problem, x: jax.Array, x_new: jax.Array, mask: jax.Array, state, args: tuple, tol
+    prob: Problem, x: jax.Array, x_new: jax.Array, mask: jax.Array, state, args: tuple, tol,
+    evaluated: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, dict]:
     """Evaluate ``f`` at the proposed iterate and accept it only if everything is finite.
+
+    ``evaluated=(value, flat_grad)`` at ``x_new`` skips the evaluation (a solver that
+    already has them in closed form).
 
     A rejected step keeps ``x``, its value, gradient and mask, sets ``error = inf`` and
     ``status = NONFINITE``; an accepted one sets ``SUCCESSFUL`` once the relative change
@@ -147,7 +151,10 @@ def finish_update(
     # keep float64 digits it cannot hold, or the change never falls below tol).
     x_new = ravel_pytree(prob.unravel(x_new.astype(x.dtype)))[0]
     grad = ravel_pytree(state.grad)[0]
-    value_new, grad_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
+    if evaluated is None:
+        value_new, grad_new = jax.value_and_grad(prob.flat_fun)(x_new, *args)
+    else:
+        value_new, grad_new = evaluated
     ok = all_finite(x_new, value_new, grad_new) & (state.status != Status.NONFINITE)
     error = relative_change(x_new, x)
     # A tolerance below the coarsest leaf's resolution (1e-6 in bfloat16) is never met.

@@ -88,30 +88,6 @@ def test_sharded_over_four_devices_equals_one_device():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
-def test_obs_pursuit_fixed_point_is_least_squares_on_its_support():
-    prob = sparse_linear_regression(jax.random.key(1), 20, 40, 5, noise=0.1)
-    x, state = ij.OBSPursuit(5).run(jnp.zeros(40), prob.design, prob.observations)
-    assert int(state.status) == ij.Status.SUCCESSFUL and int(jnp.sum(x != 0)) == 5
-    np.testing.assert_array_equal(state.mask, x != 0)
-    a = np.asarray(prob.design)[:, np.asarray(state.mask)]
-    z = np.linalg.lstsq(a, np.asarray(prob.observations), rcond=None)[0]
-    np.testing.assert_allclose(np.asarray(x)[np.asarray(state.mask)], z, rtol=1e-8)
-    # The primal form (n >= d): one step lands on x*.
-    big = sparse_linear_regression(jax.random.key(2), 60, 30, 4)
-    xb, sb = ij.OBSPursuit(4, candidates=4).run(jnp.zeros(30), big.design, big.observations)
-    assert float(jnp.linalg.norm(xb - big.x_true)) < 1e-10 and int(sb.iter_num) <= 2
-
-
-def test_obs_pursuit_with_candidates_k_matches_topk_iobs_with_the_gram_hessian():
-    """n > d: one true-Hessian Topk-I-OBS step (dense IOBS) == OBSPursuit(candidates=k)."""
-    prob = sparse_linear_regression(jax.random.key(4), 50, 20, 3, noise=0.05)
-    x_iobs, _ = ij.IOBS(mse_loss, 6, hessian=sw.mse_hessian, maxiter=1).run(
-        jnp.zeros(20), prob.design, prob.observations)
-    x_p, _ = ij.OBSPursuit(6, candidates=6, damping=0.0, maxiter=1).run(
-        jnp.zeros(20), prob.design, prob.observations)
-    np.testing.assert_allclose(x_p, x_iobs, rtol=1e-8, atol=1e-12)
-
-
 def test_convergence_curves_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     probs = jax.vmap(functools.partial(sparse_linear_regression, n=30, d=16, k=3))(
@@ -155,14 +131,3 @@ def test_bad_sweep_arguments_raise_before_any_compile(kwargs, error, needle):
     args.update(kwargs)
     with pytest.raises(error, match=needle):
         sw.sweep(args.pop("solvers"), **args)
-
-
-def test_obs_pursuit_bad_options():
-    with pytest.raises(ValueError, match="candidates must be"):
-        ij.OBSPursuit(5, candidates=3)
-    with pytest.raises(ValueError, match="needs candidates=k"):
-        ij.OBSPursuit(5, candidates=8, refit=False)
-    with pytest.raises(ValueError, match="A \\(n, d\\), y \\(n,\\)"):
-        ij.OBSPursuit(2).run(jnp.zeros(5), jnp.ones((4, 6)), jnp.ones(4))
-    with pytest.raises(ValueError, match="obs-pursuit"):
-        sw.make_solver("obs-pursuit", 3, n=10, d=20, problem="logistic")
