@@ -25,7 +25,8 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
   analytic count of its matrix work) against the machine's float64 matmul peak measured
   in the same run.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/recovery_baselines.py [--trials 100] [--methods htp,obs-pursuit]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/recovery_baselines.py [--trials 100]
+        [--methods htp,obs-pursuit]
         [--n 64,96,128,192] [--k 8,16,24,32,48] [--out benchmarks/results/recovery.json]
 """
 
