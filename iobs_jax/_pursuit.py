@@ -68,7 +68,7 @@ def _mse(x: jax.Array, design: jax.Array, observations: jax.Array) -> jax.Array:
 
 
 class OBSPursuitState(NamedTuple):
-    """State of :class:`OBSPursuit` (the fields of :class:`IOBSState` plus the factor).
+    """State of :class:`OBSPursuit`: the fields of :class:`IOBSState`, the factor, and more.
 
     Attributes:
       iter_num, value, grad, error, mask, status: as in :class:`IOBSState` (``value`` is
