@@ -75,7 +75,8 @@ class OBSPursuitState(NamedTuple):
         the mean squared error).
       factor: the lower Cholesky factor of ``A A^T + mu I`` (``n < d``) or ``A^T A + mu I``
         (``n >= d``), computed once by ``init_state`` (two triangular solves per step
-        cost less than forming the inverse: 1.8x faster at n = 192, d = 256 on CPU);
+        cost less than forming the inverse: a solve at n = 192, d = 256, k = 8, where the
+        set-up dominates, took 1.6 ms instead of 2.9 ms on CPU);
         ``(0, 0)`` when no attempt takes a Newton step.
       attempt: which attempt (index into the schedule) produced the iterate.
       residual: ``y - A x`` (``(n,)``), kept so that a step costs two or three passes over
