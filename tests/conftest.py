@@ -117,3 +117,11 @@ def tiny_bert_dir(tmp_path_factory):
     pytest.importorskip("safetensors")
     path = tmp_path_factory.mktemp("tiny_bert")
     return path, write_tiny_checkpoint(path)
+
+
+def assert_states_match(state0, state1):
+    """The solver contract: ``init_state`` and ``update`` return the same structure, with
+    every leaf of the same shape and dtype (a while_loop carry must not change type)."""
+    assert jax.tree.structure(state0) == jax.tree.structure(state1)
+    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state1), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype

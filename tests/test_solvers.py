@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_states_match
 
 import iobs_jax as ij
 from iobs_jax.problems import mse_loss, sparse_linear_regression
@@ -149,9 +150,7 @@ def test_init_and_update_states_match_and_dtypes_are_kept(name, dtype):
     x0 = jnp.zeros(20, dtype)
     state0 = solver.init_state(x0, prob.design, prob.observations)
     x1, state1 = solver.update(x0, state0, prob.design, prob.observations)
-    assert jax.tree.structure(state0) == jax.tree.structure(state1)
-    for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state1), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
+    assert_states_match(state0, state1)
     assert x1.dtype == dtype and state1.value.dtype == dtype and state1.error.dtype == dtype
     x, state = jax.jit(solver.run)(x0, prob.design, prob.observations)
     assert x.dtype == dtype and state.grad.dtype == dtype
