@@ -273,7 +273,12 @@ class OBSPursuit:
         c, how = attempt
         n, d = design.shape
         if how == "gradient":  # A^T r = -(n / 2) grad f: no pass over A
-            scale = jnp.sum(design * design) / d  # mean squared column norm
+            if c > self.k and self.refit:
+                # Only the ranking of |x~| off the support matters here (the fit does not
+                # use x~), and it does not depend on the step's scale: skip a pass over A.
+                scale = 1.0
+            else:
+                scale = jnp.sum(design * design) / d  # mean squared column norm
             step = (-0.5 * n / scale) * state.grad
         elif n < d:  # dual (Woodbury) form
             step = design.T @ cho_solve((state.factor, True), state.residual)
