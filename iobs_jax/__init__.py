@@ -25,7 +25,8 @@ from ._iht import IHT, IHTState
 from ._iobs import IOBS, IOBSState
 from ._masks import hard_threshold, nm_mask, topk_mask
 from ._obs import greedy_obs, obs_project, obs_project_from_inverse, obs_saliency
-from ._prune import LayerReport, PruneReport, prune
+from ._plan import Plan, PlanEntry
+from ._prune import LayerReport, PruneReport, prune, prune_plan
 from ._pursuit import OBSPursuit, OBSPursuitState
 
 __version__ = "0.1.0"
@@ -61,6 +62,9 @@ __all__ = [
     "obs_saliency",
     "power_iteration",
     "prune",
+    "prune_plan",
+    "Plan",
+    "PlanEntry",
     "prune_blocks",
     "bert",
     "corpus",

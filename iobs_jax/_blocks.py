@@ -1,11 +1,9 @@
-"""Block-by-block pruning of deep models (the layers of a Transformer).
+"""Block-by-block pruning of a chain of Linen blocks (the layers of a Transformer).
 
-``prune(model, ...)`` with ``sequential=True`` recomputes the whole prefix of the model for
-every group of layers: for ``B`` blocks of ``g`` groups that is ``O(g B^2)`` block passes.
-:func:`prune_blocks` keeps the calibration activations between blocks instead
-(SparseGPT's own scheme): each block is pruned on the inputs the already pruned blocks
-produce, then those inputs are pushed through the pruned block once, ``O(g B)`` passes,
-and identical blocks share every compiled function.
+:func:`prune_blocks` is a thin wrapper over :func:`iobs_jax.prune`: the blocks are
+composed into one function of ``{"block_i": params_i}`` and pruned sequentially in one
+pass (the engine carries each block's activations to the next, as SparseGPT does by
+hand), so nothing is re-run per block and modules need not be hashable.
 """
 
 from __future__ import annotations
@@ -14,23 +12,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import jax
 from flax import linen as nn
 
 from ._curvature import highest_precision
-from ._prune import PruneReport, _sample_masks, prune
+from ._prune import PruneReport, prune
 
 __all__ = ["prune_blocks"]
-
-_APPLY: dict = {}
-
-
-def jitted_apply(module):
-    """``(params, args, kwargs) -> module.apply({"params": params}, *args, **kwargs)``,
-    jitted once per (equal) module."""
-    if module not in _APPLY:
-        _APPLY[module] = jax.jit(lambda p, args, kw: module.apply({"params": p}, *args, **kw))
-    return _APPLY[module]
 
 
 def _default_carry(output, args):
@@ -93,32 +80,26 @@ def prune_blocks(
             raise TypeError(f"blocks[{i}] must be a flax.linen Module; got {type(block)}.")
     if prune_kwargs.get("sequential", True) is False:
         raise ValueError("prune_blocks is sequential by construction; drop sequential=False.")
-    for name in ("dense_batches", "variables"):
+    for name in ("dense_batches", "variables", "apply_kwargs"):
         if name in prune_kwargs:
             raise ValueError(f"prune_blocks does not take {name}=.")
     carry = _default_carry if carry is None else carry
     args = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calib_batches]
     if not args:
         raise ValueError("calib_batches is empty.")
-    masks = _sample_masks(sample_mask, args)
-    dense_args = args if target == "dense" else None
+    names = [f"block_{i}" for i in range(len(blocks))]
 
-    new_params, layers, mask_trees = [], [], []
-    for i, (block, p) in enumerate(zip(blocks, params, strict=True)):
-        pruned, report = prune(
-            block, p, args, sample_mask=masks, target=target, dense_batches=dense_args,
-            **prune_kwargs,
-        )
-        new_params.append(pruned)
-        mask_trees.append(report.masks)
-        layers.extend(r._replace(name=f"block_{i}/{r.name}") for r in report.layers)
-        if verbose:
-            print(f"block {i}: {len(report.layers)} layers, layer loss "
-                  f"{report.total_loss:.4e}, {report.time_s:.1f} s")
-        if i + 1 < len(blocks):
-            forward = jitted_apply(block)
-            args = [carry(forward(pruned, a, {}), a) for a in args]
-            if dense_args is not None:
-                dense_args = [carry(forward(p, a, {}), a) for a in dense_args]
-    method = prune_kwargs.get("method", "iobs")
-    return new_params, PruneReport(method, layers, mask_trees, time.perf_counter() - start)
+    def chain(tree, batch):
+        out = None
+        for i, (name, block) in enumerate(zip(names, blocks, strict=True)):
+            out = block.apply({"params": tree[name]}, *batch)
+            if i + 1 < len(blocks):
+                batch = carry(out, batch)
+        return out
+
+    pruned, report = prune(chain, dict(zip(names, params, strict=True)), args,
+                           sample_mask=sample_mask, target=target, verbose=verbose,
+                           **prune_kwargs)
+    masks = [report.masks[name] for name in names]
+    return ([pruned[name] for name in names],
+            report._replace(masks=masks, time_s=time.perf_counter() - start))

@@ -197,7 +197,7 @@ def register(sub) -> None:
 
 
 def _configs(args) -> list[Config]:
-    from ._prune import _parse_pattern
+    from ._prune import parse_pattern as _parse_pattern
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -178,10 +179,15 @@ class BertEncoder(nn.Module):
 
     def embeddings(self, params, batch):
         """``(hidden, attention_bias)`` entering the first layer."""
-        from ._blocks import jitted_apply
-
         embeddings = _Embeddings(self.config, parent=None)
-        return jitted_apply(embeddings)(params["embeddings"], (), batch)
+        return _jitted_apply(embeddings)(params["embeddings"], (), batch)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_apply(module: nn.Module):
+    """``(params, args, kwargs) -> module.apply({"params": params}, *args, **kwargs)``,
+    compiled once per (equal) module."""
+    return jax.jit(lambda p, args, kw: module.apply({"params": p}, *args, **kw))
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -384,9 +390,7 @@ def embed(model: BertEncoder, params: Any, tokenizer: Tokenizer, sentences: Sequ
     little padding; returned in the input order)."""
     sentences = list(sentences)
     order = np.argsort(tokenizer.lengths(sentences), kind="stable")
-    from ._blocks import jitted_apply
-
-    apply = jitted_apply(model)
+    apply = _jitted_apply(model)
     out = np.zeros((len(sentences), model.config.hidden_size), np.float32)
     for start in range(0, len(sentences), batch_size):
         idx = order[start : start + batch_size]

@@ -8,7 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 import iobs_jax
-from iobs_jax import _layers, _layerwise
+from iobs_jax import _layerwise
 
 
 class _CNN(nn.Module):
@@ -28,65 +28,7 @@ def cnn():
     return model, params, [x[:24], x[24:]]
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(kernel_size=(3, 3)),
-        dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID"),
-        dict(kernel_size=(3, 3), kernel_dilation=2, padding=((1, 2), (0, 1))),
-        dict(kernel_size=(2, 2), input_dilation=2, padding=1),
-        dict(kernel_size=(3,)),
-    ],
-    ids=["same", "strided-valid", "dilated-explicit", "input-dilation", "1d"],
-)
-def test_conv_patches_times_kernel_equal_the_convolution(kwargs):
-    conv = nn.Conv(5, use_bias=False, **kwargs)
-    shape = (2, 7, 3) if len(kwargs["kernel_size"]) == 1 else (2, 7, 6, 3)
-    x = jax.random.normal(jax.random.key(0), shape)
-    params = conv.init(jax.random.key(1), x)["params"]
-    spec = _layers.conv_spec(("c",), params["kernel"].shape, conv)
-    w = _layers.kernel_to_matrix(spec, params["kernel"])
-    y = conv.apply({"params": params}, x)
-    patches = _layers.inputs_matrix(spec, x)
-    np.testing.assert_allclose(patches @ w.T, y.reshape(-1, 5), atol=1e-5)
-    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
-
-
-def test_dense_general_columns_line_up_with_the_kernel():
-    layer = nn.DenseGeneral((2, 3), axis=(-2, -1))
-    x = jax.random.normal(jax.random.key(0), (5, 4, 3))
-    params = layer.init(jax.random.key(1), x)["params"]
-    spec = _layers.dense_general_spec(("d",), params["kernel"].shape, (-2, -1), 3)
-    w = _layers.kernel_to_matrix(spec, params["kernel"])
-    y = layer.apply({"params": params}, x) - params["bias"]
-    np.testing.assert_allclose(_layers.inputs_matrix(spec, x) @ w.T, y.reshape(5, 6), atol=1e-5)
-    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
-
-
-@pytest.mark.parametrize(
-    "einsum_str, kernel_shape, x_shape",
-    [
-        ("btd,dhk->bthk", (6, 2, 3), (2, 5, 6)),
-        ("...hk,hkd->...d", (2, 3, 4), (2, 5, 2, 3)),
-        ("bd,ed->be", (4, 6), (3, 6)),
-    ],
-    ids=["split-heads", "merge-heads-ellipsis", "transposed-kernel"],
-)
-def test_einsum_columns_line_up_with_the_kernel(einsum_str, kernel_shape, x_shape):
-    layer = nn.Einsum(kernel_shape, einsum_str, use_bias=False)
-    x = jax.random.normal(jax.random.key(0), x_shape)
-    params = layer.init(jax.random.key(1), x)["params"]
-    spec = _layers.einsum_spec(("e",), params["kernel"].shape, einsum_str)
-    w = _layers.kernel_to_matrix(spec, params["kernel"])
-    y = layer.apply({"params": params}, x)
-    rows = spec.shape[0]
-    out = (_layers.inputs_matrix(spec, x) @ w.T).reshape(-1, rows)
-    # the output's kernel letters are last in these examples
-    np.testing.assert_allclose(out, y.reshape(-1, rows), atol=1e-5)
-    np.testing.assert_array_equal(_layers.matrix_to_kernel(spec, w), params["kernel"])
-
-
-def test_einsum_with_per_head_letters_is_skipped_with_a_warning():
+def test_einsum_with_per_head_letters_prunes_each_head_on_its_own():
     class Heads(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -96,9 +38,19 @@ def test_einsum_with_per_head_letters_is_skipped_with_a_warning():
     model = Heads()
     x = jax.random.normal(jax.random.key(0), (8, 2, 3))
     params = model.init(jax.random.key(1), x)["params"]
-    with pytest.warns(UserWarning, match="per_head is not pruned.*block-diagonal"):
-        _, report = iobs_jax.prune(model, params, [x], sparsity=0.5)
-    assert [r.name for r in report.layers] == ["out"]
+    pruned, report = iobs_jax.prune(model, params, [x], sparsity=0.5)
+    assert [r.name for r in report.layers] == ["per_head", "out"]
+    head = report.layers[0]
+    assert head.kind == "batched" and head.problems == 2 and head.shape == (4, 3)
+    kernel = np.asarray(pruned["per_head"]["kernel"])  # (h, d, e): 6 of every head's 12
+    assert [int((kernel[h] != 0).sum()) for h in range(2)] == [6, 6]
+    # Each head is fitted on its own inputs: the loss matches the two problems solved apart.
+    xs = np.asarray(x)
+    losses = []
+    for h in range(2):
+        w0, w = np.asarray(params["per_head"]["kernel"][h]).T, kernel[h].T
+        losses.append(np.sum((xs[:, h] @ (w - w0).T) ** 2) / 8)
+    assert head.loss == pytest.approx(sum(losses), rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obc", "iobs"])
