@@ -88,8 +88,14 @@ class Plan(NamedTuple):
 
 
 def leaf_paths(params: Any) -> list[str]:
+    """``"a/b/kernel"`` per leaf; the ``.value`` of an NNX variable is left out."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in flat]
+    out = []
+    for path, _ in flat:
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+            path = path[:-1]
+        out.append(jax.tree_util.keystr(path, simple=True, separator="/"))
+    return out
 
 
 def _base_name(path: str) -> str:
@@ -109,7 +115,9 @@ def find_targets(analysis: Analysis, paths: list[str], shared: str
         other = sorted(set(analysis.other_uses.get(leaf, ())))
         base = _base_name(paths[leaf])
         if len(maps) > 1 and _disjoint(maps):
-            targets += [Target(f"{base}[{j}]", leaf, (i,), m.pos, m.kind)
+            size = sum(m.pos.size for m in maps)
+            targets += [Target(f"{base}[{_slice_of(m.pos, size, len(maps), j)}]", leaf, (i,),
+                               m.pos, m.kind)
                         for j, (i, m) in enumerate(zip(idx, maps, strict=True))]
             continue
         if len(maps) > 1 and not all(np.array_equal(m.pos, maps[0].pos) for m in maps):
@@ -136,6 +144,16 @@ _USES = {
     "cond": "a cond (maps inside conditionals are not supported)",
     "dot_general": "dot_general with another parameter (not acting on data)",
 }
+
+
+def _slice_of(pos: np.ndarray, size: int, count: int, order: int) -> int:
+    """Which leading slice of a stacked leaf ``pos`` covers (scanned layers), else its
+    order among the leaf's maps."""
+    step = size // count
+    first = int(pos.min()) // step
+    if pos.size == step and int(pos.max()) // step == first:
+        return first
+    return order
 
 
 def _disjoint(maps: list[LinearMap]) -> bool:

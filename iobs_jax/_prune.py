@@ -272,8 +272,9 @@ def prune_plan(model: Any, params: Any = None, batch: Any = None, *,
                      apply_kwargs)
     if spec.batches is None:
         raise ValueError("prune_plan needs one batch the model takes.")
+    batches = list(spec.batches) if batch is not None else [spec.batches]  # NNX: (module, batch)
     shared = check_choice(shared, "shared", _plan.SHARED)
-    runs = ps.trace_runs(spec.fn, spec.params, list(spec.batches))
+    runs = ps.trace_runs(spec.fn, spec.params, batches)
     plan, _ = _make_plan(runs[0], spec.params, filter, shared, require=False)
     return plan
 
