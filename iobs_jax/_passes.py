@@ -18,11 +18,19 @@ from ._program import trace
 class Run:
     """One traced program and the calibration batches that share its shapes."""
 
-    def __init__(self, fn: Callable, params: Any, batch: Any, index: list[int]):
+    def __init__(self, fn: Callable, params: Any, batch: Any, index: list[int],
+                 diagnose: Callable | None = None):
         try:
             self.prog = trace(fn, params, batch)
         except Exception as err:  # noqa: BLE001 - re-raised with the option named
             first = str(err).splitlines()[0] if str(err) else ""
+            why = _diagnose(diagnose, batch)
+            if why is not None:
+                shapes = [np.shape(x) for x in jax.tree.leaves(batch)]
+                raise ValueError(
+                    f"params and calib_batches[{index[0]}] (array shapes {shapes}) do not fit "
+                    f"the model together: {why} for this batch. Pass this model's parameters "
+                    f"and batches it takes ({type(err).__name__}: {first}).") from err
             raise ValueError(
                 f"calib_batches[{index[0]}] could not be fed to the model "
                 f"({type(err).__name__}: {first}). Each batch must be what the model takes: "
@@ -50,12 +58,21 @@ def signature(batch: Any) -> tuple:
                        for x in leaves)
 
 
-def trace_runs(fn: Callable, params: Any, batches: list) -> list[Run]:
+def _diagnose(diagnose, batch) -> str | None:
+    if diagnose is None:
+        return None
+    try:
+        return diagnose(batch)
+    except Exception:  # noqa: BLE001 - the batch itself is bad: say so instead
+        return None
+
+
+def trace_runs(fn: Callable, params: Any, batches: list, diagnose=None) -> list[Run]:
     """A :class:`Run` per distinct batch signature; all must find the same maps."""
     by_sig: dict[tuple, list[int]] = {}
     for i, b in enumerate(batches):
         by_sig.setdefault(signature(b), []).append(i)
-    runs = [Run(fn, params, batches[idx[0]], idx) for idx in by_sig.values()]
+    runs = [Run(fn, params, batches[idx[0]], idx, diagnose) for idx in by_sig.values()]
     first = runs[0].analysis.maps
     for run in runs[1:]:
         maps = run.analysis.maps

@@ -127,6 +127,7 @@ class _Model(NamedTuple):
     params: Any
     batches: Any
     finish: Callable  # new params pytree -> the first value prune returns
+    diagnose: Callable | None = None  # batch -> what is wrong with params, when tracing fails
 
 
 # ------------------------------------------------------------------ public API
@@ -240,6 +241,7 @@ def prune(
     shared = check_choice(shared, "shared", _plan.SHARED)
     batches = _check_batches(spec.batches, opts.holdout)
     masks = _sample_masks(sample_mask, batches)
+    _check_holdout(batches, opts.holdout, masks)
     dense = _dense_batches(dense_batches, batches, opts.target)
     _check_params(spec.params)
     job = _Job(spec, batches, dense, masks, opts, filter, shared)
@@ -274,7 +276,7 @@ def prune_plan(model: Any, params: Any = None, batch: Any = None, *,
         raise ValueError("prune_plan needs one batch the model takes.")
     batches = list(spec.batches) if batch is not None else [spec.batches]  # NNX: (module, batch)
     shared = check_choice(shared, "shared", _plan.SHARED)
-    runs = ps.trace_runs(spec.fn, spec.params, batches)
+    runs = ps.trace_runs(spec.fn, spec.params, batches, spec.diagnose)
     plan, _ = _make_plan(runs[0], spec.params, filter, shared, require=False)
     return plan
 
@@ -313,7 +315,7 @@ class _Job:
         self.leaves, self.treedef = jax.tree.flatten(spec.params)
         self.dense_leaves = list(self.leaves)
         self.mask_leaves = [None] * len(self.leaves)
-        self.runs = ps.trace_runs(spec.fn, spec.params, batches)
+        self.runs = ps.trace_runs(spec.fn, spec.params, batches, spec.diagnose)
         self.plan, chosen = _make_plan(self.runs[0], spec.params, filt, shared)
         all_targets = _plan.find_targets(self.runs[0].analysis,
                                          _plan.leaf_paths(spec.params), shared)[0]
@@ -592,7 +594,12 @@ def _as_model(model, params, batches, variables, apply_kwargs) -> _Model:
             args, kw = _split_batch(batch)
             return model.apply({**extra, "params": p}, *args, **kw, **kwargs)
 
-        return _Model(fn, params, batches, lambda p: p)
+        def diagnose(batch):
+            args, kw = _split_batch(batch)
+            init = lambda: model.init(jax.random.key(0), *args, **kw, **kwargs)
+            return _params_mismatch(jax.eval_shape(init).get("params", {}), params)
+
+        return _Model(fn, params, batches, lambda p: p, diagnose)
     if hasattr(model, "module") and hasattr(model, "params") and not callable(
             getattr(model, "apply", None)) or _is_hf_model(model):
         raise TypeError(
@@ -606,6 +613,21 @@ def _as_model(model, params, batches, variables, apply_kwargs) -> _Model:
         return _Model(model, params, batches, lambda p: p)
     raise TypeError(f"model must be a flax.linen Module, a flax.nnx Module or a function "
                     f"apply_fn(params, batch); got {type(model).__name__}.")
+
+
+def _params_mismatch(expected: Any, given: Any) -> str | None:
+    """The first difference between the parameters a model makes and those given."""
+    want = {p: np.shape(v) for p, v in zip(_plan.leaf_paths(expected),
+                                            jax.tree.leaves(expected), strict=True)}
+    have = {p: np.shape(v) for p, v in zip(_plan.leaf_paths(given), jax.tree.leaves(given),
+                                            strict=True)}
+    for path, shape in want.items():
+        if path not in have:
+            return f"params has no {path!r} (shape {shape}), which the model reads"
+        if have[path] != shape:
+            return f"params {path!r} has shape {have[path]}; the model expects {shape}"
+    extra = [p for p in have if p not in want]
+    return f"params has {extra[0]!r}, which the model does not have" if extra else None
 
 
 def _is_hf_model(model) -> bool:
@@ -742,17 +764,33 @@ def _check_batches(calib_batches, holdout):
         raise ValueError(
             f"calib_batches has {len(batches)} batch(es); need more than "
             f"holdout_batches={holdout}.")
-    if holdout and holdout > len(batches) // 2:
-        raise ValueError(
-            f"holdout_batches={holdout} would hold out more than half of the "
-            f"{len(batches)} calibration batches; the statistics would come from "
-            f"{len(batches) - holdout}. Use at most {len(batches) // 2}.")
     for i, batch in enumerate(batches):
         for leaf in jax.tree.leaves(batch):
             arr = np.asarray(leaf)
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise ValueError(f"calib_batches[{i}] contains NaN or inf.")
     return batches
+
+
+def _check_holdout(batches, holdout, masks) -> None:
+    """The held-out batches (which pick the best I-OBS iterate) may hold at most half of
+    the calibration samples: the statistics come from the rest."""
+    if not holdout:
+        return
+
+    def samples(i):
+        if masks is not None:
+            return float(np.sum(masks[i]))
+        leaves = [x for x in jax.tree.leaves(batches[i]) if np.ndim(x) >= 1]
+        return float(np.shape(leaves[0])[0]) if leaves else 1.0
+
+    counts = [samples(i) for i in range(len(batches))]
+    held, total = sum(counts[-holdout:]), sum(counts)
+    if held > total / 2:
+        raise ValueError(
+            f"holdout_batches={holdout}: the last {holdout} batch(es) hold {held:.0f} of the "
+            f"{total:.0f} calibration samples, more than half; the statistics would come from "
+            f"{total - held:.0f}. Hold out fewer or smaller batches.")
 
 
 def _dense_batches(dense_batches, batches, target):

@@ -230,3 +230,38 @@ def test_bad_inputs_give_clear_errors(cnn):
         iobs_jax.prune(model, params)
     with pytest.raises(TypeError, match="flax"):
         iobs_jax.prune(object(), params, batches)
+
+
+def test_huge_calibration_inputs_give_the_same_masks_and_finite_losses(cnn):
+    """Inputs around 1e20 square to 1e40, beyond float32: the statistics are kept scaled."""
+    model, params, batches = cnn
+    small, rep_small = iobs_jax.prune(model, params, batches, sparsity=0.5)
+    huge, rep_huge = iobs_jax.prune(model, params, [b * 1e20 for b in batches], sparsity=0.5)
+    for a, b in zip(jax.tree.leaves(rep_small.masks), jax.tree.leaves(rep_huge.masks),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(r.loss) and r.loss > 0 for r in rep_huge.layers)
+    # the first layer is linear in its input: its loss scales by exactly 1e40
+    assert rep_huge.layers[0].loss == pytest.approx(rep_small.layers[0].loss * 1e40, rel=1e-4)
+
+
+def test_params_that_do_not_fit_the_model_are_named(cnn):
+    model, params, batches = cnn
+    wrong = {**params, "hidden": {**params["hidden"], "kernel": params["hidden"]["kernel"][:5]}}
+    with pytest.raises(ValueError, match="params 'hidden/kernel' has shape"):
+        iobs_jax.prune(model, wrong, batches)
+    missing = {k: v for k, v in params.items() if k != "out"}
+    with pytest.raises(ValueError, match="params has no 'out/"):
+        iobs_jax.prune(model, missing, batches)
+    with pytest.raises(ValueError, match="params: hidden/kernel contains NaN"):
+        bad = {**params, "hidden": {**params["hidden"],
+                                     "kernel": params["hidden"]["kernel"].at[0, 0].set(np.nan)}}
+        iobs_jax.prune(model, bad, batches)
+
+
+def test_held_out_batches_hold_at_most_half_the_samples(cnn):
+    model, params, batches = cnn
+    x = jnp.concatenate(batches)
+    with pytest.raises(ValueError, match="hold 47 of the 48 calibration samples"):
+        iobs_jax.prune(model, params, [x[:1], x[1:]], holdout_batches=1, iterations=2)
+    iobs_jax.prune(model, params, [x[:24], x[24:]], holdout_batches=1, iterations=2)
