@@ -11,10 +11,10 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_readme_snippet(heading: str) -> dict:
-    """Execute the first python block under ``heading`` in the README; its namespace."""
-    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _run_readme_snippet(heading: str, index: int = 0) -> dict:
+    """Execute the ``index``-th python block under ``heading`` in the README; its namespace."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[index]
     namespace: dict = {}
     exec(compile(code, f"README {heading}", "exec"), namespace)
     return namespace
@@ -40,9 +40,13 @@ def test_paper_synthetic_example_prints_iteration_counts():
     assert 10 * iobs_to_tol <= iht_to_tol
 
 
-def test_readme_pruning_snippet_runs():
-    report = _run_readme_snippet("## Pruning Flax models")["report"]
+def test_readme_pruning_snippets_run():
+    report = _run_readme_snippet("## Pruning any JAX model", 1)["report"]
     assert abs(report.sparsity - 0.7) < 0.01 and len(report.layers) == 3
+    hf = _run_readme_snippet("## Pruning any JAX model", 0)["report"]
+    assert len(hf.layers) == 8 and abs(hf.sparsity - 0.5) < 1e-9  # 2 blocks x 4 maps
+    assert [e.path for e in hf.skipped] == ["transformer/wpe/embedding",
+                                            "transformer/wte/embedding"]
 
 
 def test_readme_optax_snippet_runs():
