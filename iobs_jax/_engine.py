@@ -215,6 +215,16 @@ def gram(capture: Capture, x, xd, mask, dtype) -> dict:
     return out
 
 
+@jax.jit
+def _weighted(arrays: list, factors: jax.Array) -> jax.Array:
+    return sum(a * f for a, f in zip(arrays, factors, strict=True))
+
+
+def scaled_sum(arrays: list, factors: list[float]) -> jax.Array:
+    """``sum_i arrays[i] * factors[i]`` in one compiled call (factors traced)."""
+    return _weighted(list(arrays), jnp.asarray(factors, arrays[0].dtype))
+
+
 class Sums:
     """Statistics summed over batches, kept divided by ``scale**2`` (a power of two)."""
 
@@ -229,10 +239,10 @@ class Sums:
             self.scale, self.h, self.cross, self.hd = s, st["h"], st["cross"], st["hd"]
         else:
             big = max(self.scale, s)
-            a, b = (self.scale / big) ** 2, (s / big) ** 2
-            self.h = self.h * a + st["h"] * b
+            f = [(self.scale / big) ** 2, (s / big) ** 2]
+            self.h = scaled_sum([self.h, st["h"]], f)
             if self.cross is not None:
-                self.cross = self.cross * a + st["cross"] * b
-                self.hd = self.hd * a + st["hd"] * b
+                self.cross = scaled_sum([self.cross, st["cross"]], f)
+                self.hd = scaled_sum([self.hd, st["hd"]], f)
             self.scale = big
         self.n += float(st["n"])

@@ -72,12 +72,13 @@ def analyze(prog: Program) -> Analysis:
         name = prim_name(node)
         if name in _LAYOUT and at == [0]:
             out = _propagate(node, views[node.ins[0]][1], prog, data)
-            if out is not None and _distinct(out):
+            # Only a gather can repeat entries; the other layout ops permute or select.
+            if out is not None and (name != "gather" or _distinct(out)):
                 views[node.outs[0]] = (views[node.ins[0]][0], out)
                 continue
         found = _linear_map(n, node, at, views, prog) if name in (
             "dot_general", "conv_general_dilated") else None
-        if found is not None and _distinct(found.pos):
+        if found is not None:
             maps.append(found)
             continue
         for j in at:
@@ -95,7 +96,7 @@ def _data_dependent(prog: Program) -> set[int]:
 
 def _distinct(idx: np.ndarray) -> bool:
     flat = idx.reshape(-1)
-    return np.unique(flat).size == flat.size
+    return flat.size == 0 or int(np.bincount(flat).max()) <= 1
 
 
 def _concrete(v, prog: Program, data: set[int]):

@@ -112,6 +112,8 @@ class Envs:
 
     def evaluate(self, seg, masks, leaves, dense_leaves, dtype, sums: dict, keep: bool):
         """Run ``seg`` on every batch; add the captured statistics into ``sums``."""
+        if not self.env:
+            return
         cross = self.dense is not None
         fn = eng.compiled(self.run.prog, seg, dtype, cross)
         for i, env in enumerate(self.env):
@@ -135,12 +137,16 @@ class Envs:
                 del env[v]
 
 
+class NonFiniteActivations(ValueError):
+    """A layer's calibration inputs hold NaN or inf."""
+
+
 def _check_finite(st: dict, cap: eng.Capture, run: Run, i: int) -> None:
     if bool(st["finite"]):
         return
     maps = run.analysis.maps
     names = sorted({run.names[m] for m in run.groups[cap.group] if m in run.names})
-    raise ValueError(
+    raise NonFiniteActivations(
         f"non-finite activations at the input of layer {', '.join(names)} "
         f"(calibration batch {run.index[i] if i < len(run.index) else i}): the batch and "
         f"the parameters are finite, so the model itself overflows or divides by zero on "

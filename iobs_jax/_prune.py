@@ -28,7 +28,7 @@ from . import _layerwise as lw
 from . import _maps, _plan
 from . import _passes as ps
 from ._curvature import highest_precision
-from ._engine import Sums
+from ._engine import Sums, scaled_sum
 from ._validation import check_choice
 
 _METHOD_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": None, "obc": "row",
@@ -243,7 +243,6 @@ def prune(
     masks = _sample_masks(sample_mask, batches)
     _check_holdout(batches, opts.holdout, masks)
     dense = _dense_batches(dense_batches, batches, opts.target)
-    _check_params(spec.params)
     job = _Job(spec, batches, dense, masks, opts, filter, shared)
     job.run(verbose, progress)
     report = PruneReport(opts.method, job.reports, job.mask_tree(), time.perf_counter() - start,
@@ -313,6 +312,7 @@ class _Job:
     def __init__(self, spec, batches, dense, masks, opts, filt, shared):
         self.opts = opts
         self.leaves, self.treedef = jax.tree.flatten(spec.params)
+        self.paths = _plan.leaf_paths(spec.params)
         self.dense_leaves = list(self.leaves)
         self.mask_leaves = [None] * len(self.leaves)
         self.runs = ps.trace_runs(spec.fn, spec.params, batches, spec.diagnose)
@@ -406,8 +406,7 @@ class _Job:
                                          run.cut(group))
                 leaves, keep = self.leaves, True
             for envs, masks, key in ((cal, mcal, "cal"), (val, mval, "val")):
-                envs.evaluate(seg, masks, leaves, self.dense_leaves, self.opts.dtype,
-                              out[key], keep)
+                self._evaluate(envs, seg, masks, leaves, out[key], keep)
             if not all_groups:
                 pos[0] = run.cut(group)
                 cal.forget(pos[0])
@@ -423,8 +422,14 @@ class _Job:
         seg = run.layout.segment(run.cut(group), max(run.cut(g) for g in later),
                                  [run.capture(g) for g in later], 1 << 62)
         for envs, masks, key in ((cal, mcal, "cal"), (val, mval, "val")):
-            envs.evaluate(seg, masks, self.leaves, self.dense_leaves, self.opts.dtype,
-                          out[key], False)
+            self._evaluate(envs, seg, masks, self.leaves, out[key], False)
+
+    def _evaluate(self, envs, seg, masks, leaves, sums, keep) -> None:
+        try:
+            envs.evaluate(seg, masks, leaves, self.dense_leaves, self.opts.dtype, sums, keep)
+        except ps.NonFiniteActivations:
+            _check_params(self.dense_leaves, self.paths)  # name a bad weight if there is one
+            raise
 
     # -- pruning -----------------------------------------------------------------
 
@@ -435,7 +440,10 @@ class _Job:
         val = None
         if o.holdout:
             val, _ = _combine([stats["val"][g] for g in groups])
-        w0 = _maps.w_matrix(t.pos, self.dense_leaves[t.leaf]).astype(o.dtype)
+        w0, finite = _read_weights(self.dense_leaves[t.leaf], t.pos, o.dtype)
+        if not bool(finite):
+            raise ValueError(f"params: {self.paths[t.leaf]} contains NaN or inf; the model's "
+                             f"weights must be finite before pruning.")
         t0 = time.perf_counter()
         ws, masks, parts = [], [], []
         for b in range(t.problems):
@@ -450,10 +458,10 @@ class _Job:
         jax.block_until_ready(w)  # JAX is asynchronous: time the work, not the dispatch
         seconds = time.perf_counter() - t0
         leaf = self.leaves[t.leaf]
-        self.leaves[t.leaf] = _maps.write_back(leaf, t.pos, w)
-        if self.mask_leaves[t.leaf] is None:
-            self.mask_leaves[t.leaf] = jnp.ones(np.shape(leaf), bool)
-        self.mask_leaves[t.leaf] = _maps.write_back(self.mask_leaves[t.leaf], t.pos, mask)
+        self.leaves[t.leaf] = _write_weights(leaf, t.pos, w)
+        if self.mask_leaves[t.leaf] is None:  # masks live on the host: no compilation
+            self.mask_leaves[t.leaf] = np.ones(np.shape(leaf), bool)
+        np.put(self.mask_leaves[t.leaf], t.pos, np.asarray(mask))
         self.reports.append(_report(t, parts, scale, seconds))
         if verbose:
             print(f"pruned {t.name} {t.shape}: loss {self.reports[-1].loss:.4e}")
@@ -463,7 +471,7 @@ class _Job:
 
     def mask_tree(self):
         return jax.tree.unflatten(self.treedef, [
-            jnp.ones(np.shape(x), bool) if m is None else m
+            jnp.ones(np.shape(x), bool) if m is None else jnp.asarray(m)
             for x, m in zip(self.leaves, self.mask_leaves, strict=True)])
 
     def dense_fraction(self) -> float:
@@ -476,13 +484,19 @@ class _Job:
 def _combine(sums: list[Sums]):
     """``LayerStats`` arrays (normalized per use, summed over uses) and the loss scale."""
     big = max(s.scale for s in sums)
-    parts = []
-    for s in sums:
-        f = (s.scale / big) ** 2 / max(s.n, 1.0)
-        parts.append([None if a is None else a * f for a in (s.h, s.cross, s.hd)])
-    total = [None if parts[0][i] is None else functools.reduce(jnp.add, [p[i] for p in parts])
-             for i in range(3)]
+    factors = [(s.scale / big) ** 2 / max(s.n, 1.0) for s in sums]
+    total = [None if getattr(sums[0], k) is None else
+             scaled_sum([getattr(s, k) for s in sums], factors) for k in ("h", "cross", "hd")]
     return total, big * big
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _read_weights(leaf, pos, dtype):
+    w = _maps.w_matrix(pos, leaf)
+    return w.astype(dtype), jnp.all(jnp.isfinite(w))
+
+
+_write_weights = jax.jit(_maps.write_back)
 
 
 def _progress(total: int, progress: bool | None):
@@ -805,13 +819,10 @@ def _dense_batches(dense_batches, batches, target):
     return dense_batches
 
 
-def _check_params(params) -> None:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not flat:
-        raise ValueError("params is empty: pass the model's parameter pytree.")
-    for path, leaf in flat:
-        arr = np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
-        if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
-            name = jax.tree_util.keystr(path, simple=True, separator="/")
-            raise ValueError(f"params: {name} contains NaN or inf; the model's weights must "
+def _check_params(leaves: list, paths: list[str]) -> None:
+    """Raise naming the first parameter leaf with NaN or inf (on the error path only)."""
+    for path, leaf in zip(paths, leaves, strict=True):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(
+                jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"params: {path} contains NaN or inf; the model's weights must "
                              f"be finite before pruning.")
