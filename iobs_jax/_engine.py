@@ -194,21 +194,25 @@ def row_weights(rule: tuple | None, mask: jax.Array, dtype) -> jax.Array | None:
 def gram(capture: Capture, x, xd, mask, dtype) -> dict:
     """``X^T X`` per problem (and ``X_d^T X``, ``X_d^T X_d`` for dense targets).
 
-    ``X`` is divided by a power of two ``scale >= max |X|`` first, so the sums cannot
-    overflow (inputs around 1e20 square to 1e40 > float32's range) and the result is
-    exactly ``(X/scale)^T (X/scale)`` for ordinary inputs; the caller keeps ``scale``.
+    ``X`` is divided by ``2**exponent >= max |X|`` first, so the sums cannot overflow
+    (inputs around 1e20 square to 1e40 > float32's range) and the result is exactly
+    ``(X/2^e)^T (X/2^e)`` for ordinary inputs; the caller keeps ``exponent``. The
+    division is two multiplications by normal powers of two: XLA multiplies by the
+    reciprocal, and ``2**-128`` would flush to zero.
     """
     mats = [x_matrix(capture.xform, v).astype(dtype) for v in (x, xd) if v is not None]
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in mats]))
     amax = jnp.max(jnp.stack([jnp.max(jnp.abs(a), initial=0.0) for a in mats]))
     ok = finite & (amax > 0)
-    scale = jnp.where(ok, jnp.exp2(jnp.ceil(jnp.log2(jnp.where(ok, amax, 1.0)))), 1.0)
-    mats = [a / scale for a in mats]
+    exponent = jnp.where(ok, jnp.ceil(jnp.log2(jnp.where(ok, amax, 1.0))), 0.0)
+    half = jnp.floor(exponent / 2)
+    mats = [a * jnp.exp2(-half).astype(dtype) * jnp.exp2(half - exponent).astype(dtype)
+            for a in mats]
     w = row_weights(capture.weights, mask, dtype)
     weighted = [a if w is None else a * w[None, :, None] for a in mats]
     n = jnp.asarray(mats[0].shape[1], dtype) if w is None else jnp.sum(w)
     out = {"h": jnp.einsum("bnc,bnd->bcd", weighted[0], mats[0]), "n": n,
-           "finite": finite, "scale": scale, "cross": None, "hd": None}
+           "finite": finite, "exponent": exponent, "cross": None, "hd": None}
     if len(mats) == 2:
         out["cross"] = jnp.einsum("bnc,bnd->bcd", weighted[1], mats[0])
         out["hd"] = jnp.einsum("bnc,bnd->bcd", weighted[1], mats[1])
@@ -234,7 +238,7 @@ class Sums:
         self.scale = None
 
     def add(self, st: dict) -> None:
-        s = float(st["scale"])
+        s = 2.0 ** float(st["exponent"])  # a Python float: 2**128 does not overflow
         if self.scale is None:
             self.scale, self.h, self.cross, self.hd = s, st["h"], st["cross"], st["hd"]
         else:

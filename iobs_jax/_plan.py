@@ -81,9 +81,10 @@ class Plan(NamedTuple):
                 lines.append(f"{e.path:<44} {'-':<14} {str(e.leaf_shape):>14} {'':>4}  {e.why}")
         kept = sum(int(np.prod(e.leaf_shape)) for e in self.entries if not e.pruned)
         total = sum(int(np.prod(e.leaf_shape)) for e in {e.path: e for e in self.entries}.values())
-        lines.append(f"{len(self.targets)} weight matrices pruned; {len(self.skipped)} "
-                     f"parameters left dense ({kept:,} of {total:,} entries in >= 2-D "
-                     f"parameters)")
+        n, m = len(self.targets), len(self.skipped)
+        lines.append(f"{n} weight matri{'ces' if n != 1 else 'x'} pruned; {m} parameter"
+                     f"{'s' if m != 1 else ''} left dense ({kept:,} of {total:,} entries in "
+                     f">= 2-D parameters)")
         return "\n".join(lines)
 
 

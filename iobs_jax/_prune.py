@@ -98,7 +98,7 @@ class PruneReport(NamedTuple):
                      f"sparsity {self.sparsity:.3f}, {self.time_s:.2f} s "
                      "(losses relative to each layer's output energy)")
         if self.skipped:
-            lines.append(f"{len(self.skipped)} parameters with >= 2 dimensions left dense "
+            lines.append(f"{len(self.skipped)} parameter(s) with >= 2 dimensions left dense "
                          f"({self.dense_fraction:.1%} of their entries): "
                          + ", ".join(f"{e.path} ({e.why})" for e in self.skipped[:6])
                          + (" ..." if len(self.skipped) > 6 else ""))

@@ -445,3 +445,24 @@ def test_function_api_errors_are_clear(rng):
         ij.prune(3, params, [x])
     with pytest.raises(ValueError, match="shared must be one of"):
         ij.prune(lambda p, b: b @ p["w"], params, [x], shared="both")
+
+
+def test_prune_blocks_takes_unhashable_hugging_face_modules(hf, rng):
+    from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
+
+    cfg = hf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64)
+    model = hf.FlaxBertModel(cfg, seed=0)
+    blocks = [FlaxBertLayer(cfg) for _ in range(2)]
+    with pytest.raises(TypeError):
+        hash(blocks[0])  # the config makes the module unhashable
+    params = [model.params["encoder"]["layer"][str(i)] for i in range(2)]
+    hidden = jnp.asarray(rng.normal(size=(4, 12, 32)))
+    mask = jnp.ones((4, 12), jnp.int32)
+    new, report = ij.prune_blocks(blocks, params, [(hidden, mask, None)],
+                                  carry=lambda out, args: (out[0],) + tuple(args[1:]),
+                                  sample_mask=lambda b: b[1], sparsity=0.5)
+    assert len(new) == 2 and len(report.masks) == 2 and len(report.layers) == 12
+    assert report.layers[0].name == "block_0/attention/self/query"
+    kernel = np.asarray(new[1]["output"]["dense"]["kernel"])
+    assert float(np.mean(kernel == 0)) == 0.5
