@@ -1,0 +1,191 @@
+"""``iobs-jax train-lm`` and ``iobs-jax prune-lm``: the paper's LLM experiment, small.
+
+``train-lm`` trains the byte-level decoder (:mod:`iobs_jax.models`) on the standard
+library's source and caches it; ``prune-lm`` prunes every linear map of it with
+:func:`iobs_jax.prune` (sequential, 128 random training windows of calibration) and
+reports perplexity on non-overlapping test windows, as the LLM pruning papers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+LM_METHODS = ("magnitude", "wanda", "sparsegpt", "iobs")
+DEFAULT_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
+
+
+class LMData(NamedTuple):
+    calib: list  # batches of input windows (B, T), int32
+    val: list  # batches of held-out input windows, for picking the best iterate
+    val_windows: np.ndarray  # (N, T + 1) validation windows (perplexity)
+    test_windows: np.ndarray  # (N, T + 1) non-overlapping test windows (perplexity)
+
+
+def lm_data(seq_len: int, *, calib: int = 128, batch: int = 16, val: int = 64,
+            test: int = 256, seed: int = 0, root: str | None = None) -> LMData:
+    """Calibration: ``calib`` random training windows; validation: ``val`` random
+    validation windows; test: the first ``test`` non-overlapping test windows."""
+    from .models import text
+
+    rng = np.random.default_rng(seed)
+    cal = text.random_windows(text.stdlib_source("train", root), calib, seq_len, rng)
+    valw = text.random_windows(text.stdlib_source("validation", root), val, seq_len, rng)
+    testw = text.sequential_windows(text.stdlib_source("test", root), seq_len, limit=test)
+    split = lambda w: [w[i:i + batch, :-1] for i in range(0, len(w), batch)]
+    return LMData(split(cal), split(valw), valw, testw)
+
+
+class LMConfig(NamedTuple):
+    method: str
+    pattern: str  # "0.5" (unstructured sparsity) or "2:4"
+    iterations: int = 1
+
+
+def _prune_kwargs(cfg: LMConfig, damping: float, step_size: float) -> dict:
+    kwargs: dict[str, Any] = dict(method=cfg.method, damping=damping, progress=False)
+    if ":" in cfg.pattern:
+        kwargs["pattern"] = cfg.pattern
+    else:
+        kwargs["sparsity"] = float(cfg.pattern)
+    if cfg.iterations > 1:
+        kwargs.update(iterations=cfg.iterations, step_size=step_size)
+    return kwargs
+
+
+def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
+                      damping: float = 0.01, step_size: float = 0.5,
+                      say: Callable[[str], None] = print,
+                      on_record: Callable[[list], None] | None = None) -> list[dict]:
+    """Prune ``model`` once per configuration; one record per configuration.
+
+    Records: ``method, pattern, sparsity`` (zeros over the pruned maps), ``iterations``,
+    ``perplexity`` and ``bits_per_byte`` on the test windows, ``val_perplexity``,
+    ``dense_perplexity``, ``layer_loss``, ``layers``, ``seconds`` (the pruning call).
+    ``on_record`` gets the records so far after each one (to write them as they come).
+    """
+    from . import prune
+    from .models import evaluate
+
+    dense_nll = evaluate(model, data.test_windows)
+    records = []
+    for cfg in configs:
+        t0 = time.perf_counter()
+        pruned, report = prune(model, data.calib, **_prune_kwargs(cfg, damping, step_size))
+        seconds = time.perf_counter() - t0
+        nll, val_nll = evaluate(pruned, data.test_windows), evaluate(pruned, data.val_windows)
+        rec = dict(method=cfg.method, pattern=cfg.pattern, sparsity=report.sparsity,
+                   iterations=cfg.iterations, perplexity=math.exp(nll),
+                   bits_per_byte=nll / math.log(2), val_perplexity=math.exp(val_nll),
+                   dense_perplexity=math.exp(dense_nll), layer_loss=report.total_loss,
+                   layers=len(report.layers), seconds=seconds)
+        records.append(rec)
+        say(f"{cfg.method:>10} {cfg.pattern:>5} it={cfg.iterations}: perplexity "
+            f"{rec['perplexity']:.4f} (dense {rec['dense_perplexity']:.4f}), "
+            f"{seconds:.1f} s")
+        if on_record is not None:
+            on_record(records)
+    return records
+
+
+def best_iterates(records: list[dict]) -> list[dict]:
+    """Per pattern, the I-OBS record whose iteration count has the lowest validation
+    perplexity (the iterate one keeps without looking at the test set)."""
+    out = []
+    for pattern in dict.fromkeys(r["pattern"] for r in records):
+        runs = [r for r in records if r["method"] == "iobs" and r["pattern"] == pattern]
+        if runs:
+            best = min(runs, key=lambda r: (r["val_perplexity"], r["iterations"]))
+            out.append({**best, "method": "iobs-best", "selected_iterations": best[
+                "iterations"]})
+    return out
+
+
+def lm_configs(methods: Sequence[str], patterns: Sequence[str], max_iterations: int
+               ) -> list[LMConfig]:
+    out = []
+    for pattern in patterns:
+        for m in methods:
+            out.append(LMConfig(m, pattern, 1))
+        if "iobs" in methods:
+            out += [LMConfig("iobs", pattern, t) for t in range(2, max_iterations + 1)]
+    return out
+
+
+def table(records: Sequence[dict]) -> str:
+    head = (f"{'method':>10} {'pattern':>7} {'it':>3} {'sparsity':>8} {'perplexity':>10} "
+            f"{'bits/byte':>9} {'val ppl':>8} {'seconds':>8}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['method']:>10} {r['pattern']:>7} {r['iterations']:>3} "
+                     f"{r['sparsity']:8.3f} {r['perplexity']:10.4f} {r['bits_per_byte']:9.4f} "
+                     f"{r['val_perplexity']:8.4f} {r['seconds']:8.1f}")
+    if records:
+        lines.append(f"dense perplexity {records[0]['dense_perplexity']:.4f} "
+                     f"({math.log2(records[0]['dense_perplexity']):.4f} bits per byte)")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict], path: Path) -> list[Path]:
+    """Perplexity against sparsity per method; perplexity against I-OBS iteration with
+    the best validation point marked (one line per pattern)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in LM_METHODS:
+        pts = sorted((float(r["pattern"]), r["perplexity"]) for r in records
+                     if r["method"] == method and ":" not in r["pattern"]
+                     and r["iterations"] == 1)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    if records:
+        ax.axhline(records[0]["dense_perplexity"], color="gray", ls="--", label="dense")
+    ax.set(xlabel="sparsity", ylabel="test perplexity (bytes)", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(path.with_name(path.stem + "_sparsity.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for best in best_iterates(list(records)):
+        runs = sorted((r["iterations"], r["perplexity"]) for r in records
+                      if r["method"] == "iobs" and r["pattern"] == best["pattern"])
+        line, = ax.plot(*zip(*runs, strict=True), marker="o", label=best["pattern"])
+        ax.plot([best["iterations"]], [best["perplexity"]], marker="*", ms=14,
+                color=line.get_color())
+    ax.set(xlabel="I-OBS iterations", ylabel="test perplexity (bytes)",
+           title="star: best on validation windows")
+    ax.legend(title="pattern")
+    fig.tight_layout()
+    paths.append(path.with_name(path.stem + "_iterations.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSizes:
+    """The default decoder and its training (``quick``: a tiny one for tests)."""
+
+    model: Any
+    train: Any
+
+
+def default_sizes(quick: bool = False) -> LMSizes:
+    from .models import DecoderConfig, TrainConfig
+
+    if quick:
+        return LMSizes(DecoderConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                     intermediate_size=64, max_seq_len=64),
+                       TrainConfig(steps=40, batch_size=8, learning_rate=1e-2, warmup=4))
+    return LMSizes(DecoderConfig(), TrainConfig())
