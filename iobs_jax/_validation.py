@@ -159,3 +159,21 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """A JAX PRNG key: a typed key (``jax.random.key(0)``) or a legacy ``uint32[2]`` one
+    (``jax.random.PRNGKey(0)``); anything else is a TypeError saying how to make one.
+
+    Batched keys are refused too: a function that takes one key draws one instance.
+    """
+    arr = key if isinstance(key, jax.Array | np.ndarray) else None
+    if arr is not None and jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        if arr.ndim == 0:
+            return key
+    elif arr is not None and arr.dtype == np.uint32 and arr.shape == (2,):
+        return key
+    raise TypeError(
+        f"{name} must be one JAX PRNG key such as jax.random.key(0); got "
+        f"{type(key).__name__}{' of shape ' + str(jnp.shape(key)) if arr is not None else ''}"
+        f"{' ' + repr(key) if isinstance(key, int | float) else ''}.")
