@@ -199,7 +199,8 @@ class OperatorCurvature:
     ``cg_tol`` is CG's relative residual tolerance and ``cg_maxiter`` its iteration cap
     (``None``: ``10 d``); see :func:`conjugate_gradient`. CG needs ``H + damping I`` to
     be positive definite on the space it works in; with a singular ``H`` and zero damping
-    it still converges on consistent systems (gradients of least squares are).
+    it still converges on consistent systems (gradients of least squares are). An
+    indefinite ``H`` gives NaN solutions (see :func:`conjugate_gradient`).
     """
 
     def __init__(
@@ -224,7 +225,7 @@ class OperatorCurvature:
 
     def _cg(self, op, b, x0=None):
         maxiter = 10 * self.size if self.cg_maxiter is None else self.cg_maxiter
-        return conjugate_gradient(op, b, x0, tol=self.cg_tol, maxiter=maxiter)
+        return cg_solve(op, b, x0, tol=self.cg_tol, maxiter=maxiter)
 
     def solve(self, b: jax.Array, x0: jax.Array | None = None) -> jax.Array:
         return self._cg(self.matvec, b, x0)
@@ -268,35 +269,62 @@ def conjugate_gradient(
     """Conjugate gradients for ``op(x) = b`` with ``op`` symmetric PSD, guarded for round-off.
 
     Stops when ``||r|| <= tol_eff ||b||`` with ``tol_eff = max(tol, 10 eps)`` (a tolerance
-    below the dtype's precision would otherwise iterate into 0/0), after ``maxiter``
-    iterations, or when the search direction has no curvature left (``p^T A p <= 0``),
-    in which case the current iterate is returned instead of NaN.
+    below the dtype's precision would otherwise iterate into 0/0), or after ``maxiter``
+    iterations. A search direction ``p`` with no curvature left (``p^T A p ~ 0`` and
+    ``A p ~ 0``: the null space of a singular PSD operator) ends the run at the current
+    iterate. A direction of *negative or zero curvature with* ``A p`` *clearly nonzero``
+    proves that ``op`` is not PSD (indefinite); then, and when ``op`` returns NaN/inf, the
+    result is all NaN, so that solvers report :attr:`Status.NONFINITE`, never a
+    silently wrong (e.g. zero) direction. Called eagerly (not under ``jit``) it raises
+    ``ValueError`` instead.
+
+    Example:
+      >>> conjugate_gradient(lambda v: jnp.array([2.0, 4.0]) * v, jnp.array([2.0, 4.0]))
+      Array([1., 1.], dtype=float32)
     """
+    x = cg_solve(op, b, x0, tol=tol, maxiter=maxiter)
+    return check_finite_result(
+        x, "the conjugate gradient solution",
+        "op returned NaN/inf or is not positive semi-definite (a direction of negative "
+        "curvature p^T op(p) <= 0 was found); add damping, or use a PSD approximation "
+        "such as Gauss-Newton.")
+
+
+def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100) -> jax.Array:
+    """:func:`conjugate_gradient` without the eager check (for traced library code)."""
     dtype = b.dtype
-    tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * jnp.finfo(dtype).eps)
+    eps = jnp.finfo(dtype).eps
+    tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * eps)
     stop2 = (tol_eff**2) * jnp.vdot(b, b)
     x = jnp.zeros_like(b) if x0 is None else x0
     r = b - op(x) if x0 is not None else b
     rs = jnp.vdot(r, r)
 
     def cond(carry):
-        i, _, _, _, rs, done = carry
+        i, _, _, _, rs, done, _ = carry
         return (i < maxiter) & (rs > stop2) & ~done
 
     def body(carry):
-        i, x, r, p, rs, _ = carry
+        i, x, r, p, rs, _, top = carry
         ap = op(p)
         pap = jnp.vdot(p, ap)
-        ok = pap > 0
+        # The largest ||A p|| / ||p|| seen: the operator's scale, to tell a null-space
+        # direction (A p ~ 0, fine for a singular PSD op) from a non-PSD one.
+        norm_p, norm_ap = jnp.linalg.norm(p), jnp.linalg.norm(ap)
+        top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
+        ok = pap > 100 * eps * norm_p * norm_ap
+        not_psd = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p) | ~jnp.isfinite(pap)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
-        x = x + alpha * p
+        x = jnp.where(not_psd, jnp.nan, x + alpha * p)
         r = r - alpha * ap
         rs_new = jnp.vdot(r, r)
         beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
-        return i + 1, x, r, r + beta * p, rs_new, ~ok
+        return i + 1, x, r, r + beta * p, rs_new, ~ok, top
 
-    _, x, *_ = jax.lax.while_loop(cond, body, (0, x, r, r, rs, jnp.array(False)))
-    return x
+    init = (0, x, r, r, rs, jnp.array(False), jnp.zeros((), dtype))
+    _, x, *_ = jax.lax.while_loop(cond, body, init)
+    # A non-finite right-hand side (or op(x0)) stops the loop at once: not a solution.
+    return jnp.where(jnp.isfinite(rs), x, jnp.nan)
 
 
 def _sign_probes(size: int, num: int, dtype: Any) -> jax.Array:
@@ -408,6 +436,7 @@ def newton_direction(
     return check_finite_result(
         direction, "the Newton direction",
         "the gradient or Hessian of fun at x is not finite, or the Hessian is not positive "
-        "definite (Cholesky fails on an indefinite matrix). Pass damping > 0, use "
-        "hessian='cg', or a PSD approximation (Gauss-Newton) as a callable hessian.",
+        "definite (Cholesky fails, and CG finds negative curvature, on an indefinite "
+        "matrix). Pass damping larger than minus its most negative eigenvalue, or a PSD "
+        "approximation (Gauss-Newton) as a callable hessian.",
     )

@@ -62,13 +62,13 @@ def check_finite(x: jax.Array, name: str, *, allow_inf: bool = False) -> jax.Arr
     Inside ``jit``/``vmap`` the value is a tracer and cannot be inspected; there the
     solvers report non-finite values through ``state.status`` instead.
     """
-    if not _all_finite_now(x, allow_inf):
+    if not is_finite_now(x, allow_inf):
         what = "NaN" if allow_inf else "NaN or inf"
         raise ValueError(f"{name} contains {what} values; clean the input before calling.")
     return x
 
 
-def _all_finite_now(x: Any, allow_inf: bool = False) -> bool:
+def is_finite_now(x: Any, allow_inf: bool = False) -> bool:
     """False only when ``x`` holds a value now and it has NaN (or inf) entries.
 
     Reduced on the device and only one boolean comes back; ``ensure_compile_time_eval``
@@ -86,7 +86,7 @@ def _all_finite_now(x: Any, allow_inf: bool = False) -> bool:
 def check_finite_result(x: Any, what: str, fix: str) -> Any:
     """Eager calls must not hand back NaN: raise, saying what to fix, when a result whose
     value is known now (not traced) has NaN/inf entries; returns ``x`` unchanged."""
-    if not all(_all_finite_now(leaf) for leaf in jax.tree.leaves(x)):
+    if not all(is_finite_now(leaf) for leaf in jax.tree.leaves(x)):
         raise ValueError(f"{what} is not finite: {fix}")
     return x
 
