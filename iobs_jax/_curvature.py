@@ -200,7 +200,9 @@ class OperatorCurvature:
     (``None``: ``10 d``); see :func:`conjugate_gradient`. CG needs ``H + damping I`` to
     be positive definite on the space it works in; with a singular ``H`` and zero damping
     it still converges on consistent systems (gradients of least squares are). An
-    indefinite ``H`` gives NaN solutions (see :func:`conjugate_gradient`).
+    indefinite ``H`` gives NaN solutions (see :func:`conjugate_gradient`), unless
+    ``truncate=True``: truncated Newton-CG, which stops at negative curvature (a gradient
+    step if that is the first direction; no correction for masked solves).
     """
 
     def __init__(
@@ -212,8 +214,10 @@ class OperatorCurvature:
         *,
         cg_tol: float = 1e-6,
         cg_maxiter: int | None = None,
+        truncate: bool = False,
     ):
         self._op = matvec
+        self.truncate = truncate
         self.size = size
         self.dtype = dtype
         self.damping = jnp.asarray(damping, dtype)
@@ -223,12 +227,13 @@ class OperatorCurvature:
     def matvec(self, v: jax.Array) -> jax.Array:
         return self._op(v) + self.damping * v
 
-    def _cg(self, op, b, x0=None):
+    def _cg(self, op, b, x0=None, fallback="zero"):
         maxiter = 10 * self.size if self.cg_maxiter is None else self.cg_maxiter
-        return cg_solve(op, b, x0, tol=self.cg_tol, maxiter=maxiter)
+        return cg_solve(op, b, x0, tol=self.cg_tol, maxiter=maxiter,
+                        truncate=fallback if self.truncate else None)
 
     def solve(self, b: jax.Array, x0: jax.Array | None = None) -> jax.Array:
-        return self._cg(self.matvec, b, x0)
+        return self._cg(self.matvec, b, x0, fallback="gradient")
 
     def masked_solve(
         self, mask: jax.Array, b: jax.Array, size: int | None = None, *,
@@ -290,8 +295,14 @@ def conjugate_gradient(
         "such as Gauss-Newton.")
 
 
-def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100) -> jax.Array:
-    """:func:`conjugate_gradient` without the eager check (for traced library code)."""
+def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Array:
+    """:func:`conjugate_gradient` without the eager check (for traced library code).
+
+    ``truncate="gradient"`` or ``"zero"``: truncated Newton-CG instead of failing (Nocedal
+    & Wright, Algorithm 7.1): at a direction of negative curvature stop with the current
+    iterate, or, on the first iteration, with ``b`` itself (a gradient step) or zero.
+    A non-finite ``op`` still gives NaN.
+    """
     dtype = b.dtype
     eps = jnp.finfo(dtype).eps
     tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * eps)
@@ -313,9 +324,14 @@ def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100) -> jax.Array:
         norm_p, norm_ap = jnp.linalg.norm(p), jnp.linalg.norm(ap)
         top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
         ok = pap > 100 * eps * norm_p * norm_ap
-        not_psd = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p) | ~jnp.isfinite(pap)
+        negative = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
-        x = jnp.where(not_psd, jnp.nan, x + alpha * p)
+        x = x + alpha * p
+        if truncate == "gradient":
+            x = jnp.where(negative & (i == 0), b, x)
+        elif truncate is None:
+            x = jnp.where(negative, jnp.nan, x)
+        x = jnp.where(jnp.isfinite(pap), x, jnp.nan)
         r = r - alpha * ap
         rs_new = jnp.vdot(r, r)
         beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)

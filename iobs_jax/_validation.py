@@ -45,7 +45,11 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
 
 def check_float_array(x: Any, name: str) -> jax.Array:
     """Convert to an inexact JAX array; integers are promoted, other dtypes are an error."""
-    x = jnp.asarray(x)
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError) as err:  # strings, objects, ragged lists
+        raise TypeError(f"{name} must be an array of real numbers; got "
+                        f"{type(x).__name__} ({err}).") from None
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(f"{name} must be real; got dtype {x.dtype}.")
     if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -155,8 +159,17 @@ def check_tol(value: Any, name: str) -> float:
     return tol
 
 
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """A static axis index valid for rank ``ndim`` (negative counts from the end)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int axis index; got {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}.")
+    return int(axis)
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value
 
