@@ -161,8 +161,8 @@ def fisher_prune(
         new_leaves[i], masks[i] = p, k
     masks, took = jax.tree.unflatten(treedef, masks), time.perf_counter() - start
     # The cost of weights near 1e18 does not fit float32: combined on the host in float64.
-    cost_s, s, c = (np.asarray(v, np.float64) for v in cost)
-    increase = 0.5 * float(np.sum(cost_s * (s / c) * s))
+    increase = 0.5 * float(np.sum(np.ldexp(np.asarray(cost[0], np.float64),
+                                           np.asarray(cost[1]))))
     report = FisherReport(masks, 1.0 - int(count) / d, m, b, increase, took)
     return jax.tree.unflatten(treedef, new_leaves), report
 
@@ -283,8 +283,8 @@ def _newton_and_saliency(vals, gsum, second, m, damping, step, *, woodbury):
 def _obs_update(vals, ginv, theta, mask):
     """OBS correction inside every block; the pruned leaves, their masks and the cost."""
     d = sum(v.size for v in vals)
-    pruned, cost, s, c = jax.vmap(project_from_inverse_scaled)(ginv, theta, mask)
+    pruned, cost, e = jax.vmap(project_from_inverse_scaled)(ginv, theta, mask)
     flat, kept = pruned.ravel()[:d], mask.ravel()[:d]
     pieces = [p.astype(v.dtype) for p, v in zip(unflatten_like(flat, vals), vals, strict=True)]
     finite = jnp.all(jnp.isfinite(flat)) & jnp.all(jnp.isfinite(cost))
-    return pieces, unflatten_like(kept, vals), (cost, s, c), jnp.sum(kept), finite
+    return pieces, unflatten_like(kept, vals), (cost, e), jnp.sum(kept), finite

@@ -220,27 +220,28 @@ def _project_from_inverse(
 
     ``size``: the number of True entries of ``mask`` when it is static.
     """
-    projected, cost, s, c = project_from_inverse_scaled(g, theta_tilde, mask, size)
-    return projected, cost * (s / c) * s
+    projected, cost, e = project_from_inverse_scaled(g, theta_tilde, mask, size)
+    return projected, jnp.ldexp(cost, e)
 
 
 def project_from_inverse_scaled(g: jax.Array, theta_tilde: jax.Array, mask: jax.Array,
                                 size: int | None = None):
-    """``(theta, cost / (s^2 / c), s, c)``: the projection solved on ``theta~ / s`` and
-    ``G / c`` (``s``, ``c`` their largest entries).
+    """``(theta, cost / 2^e, e)``: the projection solved on ``theta~`` and ``G`` scaled by
+    powers of two to their largest entries (``e = 2 e_theta - e_G``).
 
     The projection is linear in ``theta~`` and does not depend on the scale of ``G``, but
     the intermediate ``(G_PP)^{-1} theta~_P`` overflows float32 for weights near 1e18
     with a Fisher inverse near 1e-36; the cost itself may not fit the dtype, so it comes
     back in pieces for the caller to combine in float64.
     """
-    s = _unit_scale(jnp.max(jnp.abs(theta_tilde)))
-    c = _unit_scale(jnp.max(jnp.abs(jnp.diagonal(g))))
-    theta, g = theta_tilde / s, g / c
+    es = _exponent(jnp.max(jnp.abs(theta_tilde)))
+    ec = _exponent(jnp.max(jnp.abs(jnp.diagonal(g))))
+    theta, g = jnp.ldexp(theta_tilde, -es), jnp.ldexp(g, -ec)
     # (G_PP)^{-1} theta~_P via the masked solve on the complement, then spread by G[:, P].
     removed = None if size is None else theta.shape[0] - size
     w = DenseCurvature(g).masked_solve(~mask, theta, removed)
-    return jnp.where(mask, theta - g @ w, 0.0) * s, jnp.vdot(theta, w), s, c
+    projected = jnp.ldexp(jnp.where(mask, theta - g @ w, 0.0), es)
+    return projected, jnp.vdot(theta, w), 2 * es - ec
 
 
 def obs_project_from_inverse(
@@ -333,16 +334,21 @@ def _greedy_obs(theta, g, k, safeguard):
     # weights do not change), so both are scaled to O(1) first: squares of weights near
     # 1e20 overflow float32, and an overflowing saliency once made argmin pick an entry
     # already removed (k + 1 kept).
-    scale = _unit_scale(jnp.max(jnp.abs(theta)))
+    e = _exponent(jnp.max(jnp.abs(theta)))
     g = 0.5 * (g + g.T)
-    g = g / _unit_scale(jnp.max(jnp.abs(jnp.diagonal(g))))
-    out, mask = _greedy_obs_scaled(theta / scale, g, k, safeguard)
-    return out * scale, mask
+    g = jnp.ldexp(g, -_exponent(jnp.max(jnp.abs(jnp.diagonal(g)))))
+    out, mask = _greedy_obs_scaled(jnp.ldexp(theta, -e), g, k, safeguard)
+    return jnp.ldexp(out, e), mask
 
 
-def _unit_scale(m: jax.Array) -> jax.Array:
-    """``m`` when it is a usable positive scale, else 1."""
-    return jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+def _exponent(m: jax.Array) -> jax.Array:
+    """The binary exponent ``e`` with ``m / 2^e`` in ``[0.5, 1)`` (0 for 0/inf/NaN).
+
+    Scaling by ``ldexp(x, -e)`` is exact; ``x / m`` is not safe: XLA on CPU divides by
+    multiplying with ``1 / m``, which flushes to zero for ``m`` above ~8.5e37 in float32.
+    """
+    e = jnp.frexp(m)[1]
+    return jnp.where((m > 0) & jnp.isfinite(m), e, jnp.zeros_like(e))
 
 
 def _greedy_obs_scaled(theta, g, k, safeguard):
