@@ -48,6 +48,9 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
     ``hinv_diag`` is the diagonal of ``G = H^{-1}`` (array or pytree like ``theta``). The
     saliency is twice the increase of the quadratic model when ``theta_i`` is set to zero
     and the other weights are optimally corrected. Smaller means cheaper to prune.
+    Computed in at least float32 (16-bit inputs give float32 saliencies: squares of
+    half-precision weights under- and overflow); a saliency that overflows even there is
+    a ValueError, not an ``inf``.
 
     Example:
       >>> obs_saliency(jnp.array([1.0, 2.0]), jnp.array([0.5, 4.0]))
@@ -62,7 +65,13 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
                 "hinv_diag must be > 0 (the diagonal of a positive definite inverse Hessian); "
                 "add damping to the Hessian before inverting it."
             )
-    return jax.tree.map(saliency, theta, hinv_diag)
+    def one(t, g):
+        work = compute_dtype(jnp.result_type(t, g))
+        return saliency(jnp.asarray(t, work), jnp.asarray(g, work))
+
+    out = jax.tree.map(one, theta, hinv_diag)
+    return check_finite_result(out, "the OBS saliency", "theta**2 / hinv_diag overflows its "
+                               "dtype; rescale theta or compute in float64.")
 
 
 def saliency(theta: jax.Array, hinv_diag: jax.Array) -> jax.Array:

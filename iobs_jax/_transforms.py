@@ -212,13 +212,19 @@ class _Projector:
         return _topk_mask_flat(scores, size - int(round(float(self.sparsity) * size)))
 
 
-def _finish(new_updates, updates, masks, state, bad):
-    """Guard an update: if any floating leaf of ``new_updates`` is NaN/inf the update is
-    skipped (zeros, the previous masks kept, ``skipped`` counted). Returns
-    ``(updates, masks, skipped, bad_sparsity)``."""
-    floats = [u for u in jax.tree.leaves(new_updates) if _is_float(u)]
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in floats])) if floats \
+def _all_finite(tree) -> jax.Array:
+    floats = [u for u in jax.tree.leaves(tree) if _is_float(u)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in floats])) if floats \
         else jnp.array(True)
+
+
+def _finish(new_updates, updates, masks, state, bad, target):
+    """Guard an update: if any floating leaf of ``new_updates`` or of the unmasked
+    ``target`` is NaN/inf the update is skipped (zeros, the previous masks kept,
+    ``skipped`` counted). The target matters: a NaN weight would otherwise rank last,
+    be masked to zero and pass as a finite update. Returns ``(updates, masks, skipped,
+    bad_sparsity)``."""
+    finite = _all_finite(new_updates) & _all_finite(target)
     out = jax.tree.map(lambda n, u: jnp.where(finite, n, jnp.zeros_like(n)).astype(u.dtype),
                        new_updates, updates)
     masks = jax.tree.map(lambda m, old: jnp.where(finite, m, old), masks, state.masks)
@@ -279,7 +285,7 @@ def hard_threshold(
         masks, bad = proj.masks(jax.tree.map(jnp.abs, target), state.masks, state.count)
         new = jax.tree.map(lambda t, p, m, u: (jnp.where(m, t, 0) - p).astype(u.dtype),
                            target, params, masks, updates)
-        new, masks, skipped, bad = _finish(new, updates, masks, state, bad)
+        new, masks, skipped, bad = _finish(new, updates, masks, state, bad, target)
         return new, SparsityState(optax.safe_increment(state.count), masks, skipped, bad)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -362,7 +368,8 @@ def iobs(
         for i, n, p in zip(where, new, floats, strict=True):
             out[i] = n - p
         out = jax.tree.unflatten(jax.tree.structure(updates), out)
-        out, masks, skipped, bad = _finish(out, updates, masks, state, bad)
+        unmasked = target if curv is None else target[0]  # (flat, unravel) for Fisher/CG
+        out, masks, skipped, bad = _finish(out, updates, masks, state, bad, unmasked)
         if moment is not None:  # a skipped step must not poison the moment either
             ok = skipped == state.skipped
             moment = [jnp.where(ok, m, old) for m, old in zip(moment, state.second_moment,

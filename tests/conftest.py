@@ -127,7 +127,7 @@ def assert_states_match(state0, state1):
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
-# ------------------------------------------------------------------ CI: no skips for missing modules
+# ------------------------------------------------------ CI: no skips for missing modules
 
 
 _MISSING = ("could not import", "No module named", "not installed", "not available")
