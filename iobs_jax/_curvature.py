@@ -323,7 +323,9 @@ def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Arr
         # direction (A p ~ 0, fine for a singular PSD op) from a non-PSD one.
         norm_p, norm_ap = jnp.linalg.norm(p), jnp.linalg.norm(ap)
         top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
-        ok = pap > 100 * eps * norm_p * norm_ap
+        # p^T A p <= 0 with A p clearly nonzero cannot happen for a PSD A (there
+        # p^T A p >= ||A p||^2 / lambda_max), even with round-off, in any precision.
+        ok = pap > 0
         negative = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
         x = x + alpha * p
