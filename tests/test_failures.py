@@ -236,3 +236,36 @@ def test_checkpoint_round_trip_keeps_integer_and_string_keys(tmp_path):
     np.testing.assert_array_equal(loaded[0]["kernel"], params[0]["kernel"])
     np.testing.assert_array_equal(loaded_masks[0]["kernel"], masks[0]["kernel"])
     assert json.dumps(sorted(map(str, loaded)))  # plain keys, nothing pickled
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{oops", "cannot read it as JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"num_attention_heads": 0}', "num_attention_heads must be an int >= 1"),
+    ('{"hidden_size": "32"}', "hidden_size must be an int >= 1"),
+    ('{"layer_norm_eps": -1}', "layer_norm_eps must be a number in"),
+])
+def test_a_broken_bert_config_is_a_clear_error(tiny_bert_dir, tmp_path, text, needle):
+    import shutil
+
+    from iobs_jax import bert
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_bert_dir[0], folder)
+    if text.startswith("{\""):
+        text = json.dumps({**json.loads((folder / "config.json").read_text()),
+                           **json.loads(text)})
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=needle) as err:
+        bert.load_bert(folder)
+    assert "config.json" in str(err.value)
+
+
+def test_embed_wants_a_list_of_strings(tiny_bert_dir):
+    from iobs_jax import bert
+
+    model, params, tok = bert.load_bert(tiny_bert_dir[0])
+    for bad, needle in (("one sentence", "not one string"), (["a", 1], "item of type int"),
+                        (None, "NoneType")):
+        with pytest.raises(TypeError, match=needle):
+            bert.embed(model, params, tok, bad)
