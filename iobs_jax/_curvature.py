@@ -34,8 +34,12 @@ from ._masks import tree_size
 from ._validation import (
     check_choice,
     check_finite_result,
+    check_float_array,
+    check_int,
     check_nonnegative_scalar,
+    check_same_structure,
     check_square_matrix,
+    check_tol,
 )
 
 __all__ = [
@@ -79,6 +83,7 @@ def hvp(fun: Callable[..., jax.Array], x: Any, v: Any, *args: Any) -> Any:
       >>> hvp(f, jnp.ones(3), jnp.ones(3), jnp.array([1., 2., 3.]))
       Array([1., 2., 3.], dtype=float32)
     """
+    check_same_structure(x, v, "x", "v")
     return jax.jvp(lambda p: jax.grad(fun)(p, *args), (x,), (v,))[1]
 
 
@@ -287,6 +292,9 @@ def conjugate_gradient(
       >>> conjugate_gradient(lambda v: jnp.array([2.0, 4.0]) * v, jnp.array([2.0, 4.0]))
       Array([1., 1.], dtype=float32)
     """
+    tol = check_tol(tol, "tol")
+    maxiter = check_int(maxiter, "maxiter", low=0)
+    b = check_float_array(b, "b")
     x = cg_solve(op, b, x0, tol=tol, maxiter=maxiter)
     return check_finite_result(
         x, "the conjugate gradient solution",
@@ -369,6 +377,8 @@ def power_iteration(
     Power iteration approaches ``lambda_max`` from below: callers that need a safe
     ``1 / L`` step add a margin.
     """
+    size = check_int(size, "size", low=1)
+    num_iters = check_int(num_iters, "num_iters", low=0)
     idx = jnp.arange(size, dtype=dtype)
     v = 1.0 + 0.5 * jnp.sin(1.0 + idx)  # fixed, generic start: not orthogonal to anything
     v = v / jnp.linalg.norm(v)
@@ -386,6 +396,13 @@ def power_iteration(
 
 
 HESSIAN_KINDS = ("exact", "cg")
+
+
+def check_cg_options(cg_tol: Any, cg_maxiter: Any) -> None:
+    """CG options at the public boundary: a tolerance >= 0 and an iteration cap >= 1."""
+    check_tol(cg_tol, "cg_tol")
+    if cg_maxiter is not None:
+        check_int(cg_maxiter, "cg_maxiter", low=1)
 
 
 def make_curvature(
@@ -441,10 +458,15 @@ def newton_direction(
     :func:`make_curvature`. A Newton step is ``x - newton_direction(...)``.
     """
     damping = check_nonnegative_scalar(damping, "damping")
+    check_cg_options(cg_tol, cg_maxiter)
     flat, unravel = ravel_pytree(x)
     flat_fun = lambda z, *a: fun(unravel(z), *a)
     if tree_size(x) == 0:
         raise ValueError("newton_direction needs at least one parameter.")
+    out = jax.eval_shape(flat_fun, flat, *args)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"fun(x, *args) must return a real scalar for newton_direction; got "
+                         f"{getattr(out, 'shape', type(out))}.")
     curv = make_curvature(
         hessian, flat_fun, flat, args, damping, unravel=unravel, cg_tol=cg_tol,
         cg_maxiter=cg_maxiter,

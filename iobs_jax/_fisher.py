@@ -129,7 +129,12 @@ def fisher_prune(
         loss_fn = functools.partial(loss_fn)
     static = {"loss_fn": loss_fn, "treedef": treedef, "sel": tuple(sel)}
     first = jax.tree.map(lambda x: x[0], ex)
-    out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
+    try:
+        out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
+    except Exception as err:  # re-raised naming the arguments
+        raise ValueError(f"loss_fn(params, example) failed on the first example (shapes "
+                         f"{[np.shape(x) for x in jax.tree.leaves(first)]}); check that "
+                         f"examples match params. {type(err).__name__}: {err}") from err
     if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return a floating scalar for ONE example; got shape "
                          f"{out.shape}, dtype {out.dtype} (pass single examples, not batches).")
@@ -186,7 +191,11 @@ def _select(names: list[str], leaves: list, filter: Callable | None) -> list[int
         return np.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
     pick = default if filter is None else filter
-    sel = [i for i, (n, x) in enumerate(zip(names, leaves, strict=True)) if pick(n, x)]
+    try:
+        sel = [i for i, (n, x) in enumerate(zip(names, leaves, strict=True)) if pick(n, x)]
+    except Exception as err:  # re-raised naming the argument
+        raise TypeError(f"filter must be a callable (path, leaf) -> bool; calling it failed: "
+                        f"{type(err).__name__}: {err}") from err
     if not sel or not sum(np.size(leaves[i]) for i in sel):
         shown = ", ".join(f"{n} {np.shape(x)}" for n, x in zip(names, leaves, strict=True))
         raise ValueError(f"the filter selects no weights to prune; the leaves are: {shown}.")

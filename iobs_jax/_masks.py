@@ -124,7 +124,8 @@ def hard_threshold(x: Any, k: int) -> Any:
       >>> hard_threshold(jnp.array([0.5, -2.0, 1.0]), 2)
       Array([ 0., -2.,  1.], dtype=float32)
     """
-    x = jax.tree.map(jnp.asarray, x)
+    x = jax.tree.map(lambda leaf: jnp.asarray(check_float_array(leaf, "x") if isinstance(
+        leaf, str) else leaf), x)
     # Integers are allowed (and kept); magnitudes are compared in floating point.
     magnitudes = jax.tree.map(
         lambda leaf: jnp.abs(check_finite(check_float_array(leaf, "x"), "x")), x

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._curvature import Curvature, DenseCurvature, OperatorCurvature, compute_dtype
+from ._curvature import (
+    Curvature,
+    DenseCurvature,
+    OperatorCurvature,
+    check_cg_options,
+    compute_dtype,
+)
 from ._masks import _topk_mask_flat, flatten
 from ._validation import (
     check_finite,
@@ -146,6 +152,7 @@ def obs_project(
         lambda t: check_finite(check_float_array(t, "theta_tilde"), "theta_tilde"), theta_tilde
     )
     damping = check_nonnegative_scalar(damping, "damping")
+    check_cg_options(cg_tol, cg_maxiter)
     flat, unravel = ravel_pytree(theta_tilde)
     d = flat.shape[0]
     if callable(hessian):

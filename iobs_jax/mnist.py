@@ -32,14 +32,19 @@ import optax
 
 from ._validation import check_int, check_key
 
-__all__ = ["MNIST", "load_mnist", "split_train_test", "MLP", "CNN", "train_classifier",
-           "accuracy", "cross_entropy"]
+__all__ = ["MNIST", "DataNotFoundError", "load_mnist", "split_train_test", "MLP", "CNN",
+           "train_classifier", "accuracy", "cross_entropy"]
 
 ENV_VAR = "IOBS_JAX_DATA"
 _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 }
+
+
+class DataNotFoundError(FileNotFoundError, ValueError):
+    """MNIST files are missing where they were asked for: a FileNotFoundError (what it is)
+    and a ValueError (a bad argument: ``path``, ``split`` or ``$IOBS_JAX_DATA``)."""
 
 
 class MNIST(NamedTuple):
@@ -113,7 +118,7 @@ def _packaged() -> MNIST:
     # Read once per process (about 0.1 s); callers get fresh arrays via _copy.
     data = _load_dir(packaged_dir(), "test", verbose=False)
     if data is None:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"the MNIST files shipped with iobs_jax are missing from {packaged_dir()} (a "
             f"broken install: reinstall iobs_jax), or set ${ENV_VAR} to a folder of idx files.")
     return data._replace(source=f"MNIST test set shipped with iobs_jax ({len(data.labels):,} "
@@ -150,7 +155,7 @@ def load_mnist(path: str | os.PathLike | None = None, *, split: str = "test",
         data = _load_dir(directory, split, verbose) if directory.is_dir() else None
         if data is None:
             why = "has no" if directory.is_dir() else "is not a directory; expected one with"
-            raise FileNotFoundError(f"{str(directory)!r} {why} MNIST {split} files {wanted}.")
+            raise DataNotFoundError(f"{str(directory)!r} {why} MNIST {split} files {wanted}.")
         return data
     if os.environ.get(ENV_VAR):
         base = Path(os.environ[ENV_VAR]).expanduser()
@@ -159,10 +164,10 @@ def load_mnist(path: str | os.PathLike | None = None, *, split: str = "test",
             if data is not None:
                 return data
         # A variable that is set but wrong is a mistake to report, not to paper over.
-        raise FileNotFoundError(f"${ENV_VAR}={str(base)!r}: neither it nor its mnist/ "
+        raise DataNotFoundError(f"${ENV_VAR}={str(base)!r}: neither it nor its mnist/ "
                                 f"subfolder has MNIST {split} files {wanted}.")
     if split == "train":
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"the MNIST data shipped with iobs_jax is the 10,000-image test set only; for the "
             f"train files {wanted} pass a directory holding them (path; --data on the command "
             f"line) or set ${ENV_VAR}.")

@@ -280,6 +280,10 @@ def spectral_init(design: jax.Array, observations: jax.Array, k: int,
     """
     from ._masks import _topk_mask_flat  # the one top-k
 
+    design, observations = jnp.asarray(design), jnp.asarray(observations)
+    if design.ndim != 2 or observations.shape != design.shape[:1]:
+        raise ValueError(f"spectral_init needs design (n, d) and observations (n,); got "
+                         f"shapes {design.shape} and {observations.shape}.")
     k = check_int(k, "k", low=1, high=design.shape[1])
     m = _topk_mask_flat(jnp.einsum("ni,n,ni->i", design, observations, design), k)
     y = design.T @ (observations[:, None] * design) * (m[:, None] & m[None, :])
