@@ -269,3 +269,29 @@ def test_embed_wants_a_list_of_strings(tiny_bert_dir):
                         (None, "NoneType")):
         with pytest.raises(TypeError, match=needle):
             bert.embed(model, params, tok, bad)
+
+
+@pytest.mark.parametrize("call, error, needle", [
+    (lambda: ij.hard_threshold("ab", 1), TypeError, "x must be an array"),
+    (lambda: ij.obs_project(jnp.ones(4), lambda v: v, jnp.array([1, 0, 1, 0], bool),
+                            cg_tol="x"), TypeError, "cg_tol"),
+    (lambda: ij.obs_project(jnp.ones(4), lambda v: v, jnp.array([1, 0, 1, 0], bool),
+                            cg_maxiter=-1), ValueError, "cg_maxiter"),
+    (lambda: ij.hvp(lambda x: jnp.sum(x**2), jnp.ones(3), jnp.ones(2)), ValueError, "x and v"),
+    (lambda: ij.newton_direction(lambda x: x**2, jnp.ones(3)), ValueError, "real scalar"),
+    (lambda: ij.power_iteration(lambda v: v, "3", jnp.float32), TypeError, "size"),
+    (lambda: ij.conjugate_gradient(lambda v: v, jnp.ones(3), maxiter="a"), TypeError,
+     "maxiter"),
+    (lambda: ij.raise_if_failed(3), TypeError, "solver state"),
+    (lambda: ij.fisher_prune(lambda p, x: jnp.sum(p["w"] @ x), {"w": jnp.ones((2, 2))},
+                             jnp.ones((3, 5)), 0.5), ValueError, "loss_fn"),
+    (lambda: ij.fisher_prune(lambda p, x: jnp.sum(p["w"] * x), {"w": jnp.ones((2, 2))},
+                             jnp.ones((3, 2, 2)), 0.5, filter=lambda a: True), TypeError,
+     "filter"),
+    (lambda: ij.problems.spectral_init(jnp.ones((4, 3)), jnp.ones(5), 1), ValueError,
+     "observations"),
+    (lambda: ij.mnist.load_mnist("/nonexistent/mnist"), ValueError, "nonexistent"),
+])
+def test_fuzzed_bad_inputs_give_errors_that_name_the_argument(call, error, needle):
+    with pytest.raises(error, match=needle):
+        call()
