@@ -351,7 +351,7 @@ def _pooling(root: Path) -> str:
 def check_sentences(sentences: Any) -> list[str]:
     """``sentences`` as a list of strings, or a TypeError naming the argument."""
     if isinstance(sentences, str | bytes):
-        raise TypeError("sentences must be a list of strings, not one string: pass "
+        raise TypeError("sentences must be a list of sentences (strings), not one string: pass "
                         "[sentence].")
     try:
         out = list(sentences)
