@@ -7,27 +7,44 @@ pruning of Flax models (magnitude, Wanda, SparseGPT, OBC, I-OBS), and Optax
 transformations for sparse training (``iobs_jax.optax``).
 """
 
-from . import bert, corpus, mnist, optax, problems, sweep
-from ._base import Status, raise_if_failed, trajectory
-from ._blocks import prune_blocks
-from ._curvature import (
-    DenseCurvature,
-    OperatorCurvature,
-    conjugate_gradient,
-    dense_hessian,
-    hvp,
-    make_curvature,
-    newton_direction,
-    power_iteration,
-)
-from ._fisher import FisherReport, fisher_prune
-from ._iht import IHT, IHTState
-from ._iobs import IOBS, IOBSState
-from ._masks import hard_threshold, nm_mask, topk_mask
-from ._obs import greedy_obs, obs_project, obs_project_from_inverse, obs_saliency
-from ._plan import Plan, PlanEntry
-from ._prune import LayerReport, PruneReport, prune, prune_plan
-from ._pursuit import OBSPursuit, OBSPursuitState
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), so that `import iobs_jax` and
+# `iobs-jax --help` do not load JAX, Flax, tokenizers or matplotlib until needed.
+_SUBMODULES = ("bert", "corpus", "mnist", "models", "optax", "problems", "sweep")
+_NAMES = {
+    "._base": ("Status", "raise_if_failed", "trajectory"),
+    "._blocks": ("prune_blocks",),
+    "._curvature": ("DenseCurvature", "OperatorCurvature", "conjugate_gradient",
+                    "dense_hessian", "hvp", "make_curvature", "newton_direction",
+                    "power_iteration"),
+    "._fisher": ("FisherReport", "fisher_prune"),
+    "._iht": ("IHT", "IHTState"),
+    "._iobs": ("IOBS", "IOBSState"),
+    "._masks": ("hard_threshold", "nm_mask", "topk_mask"),
+    "._obs": ("greedy_obs", "obs_project", "obs_project_from_inverse", "obs_saliency"),
+    "._plan": ("Plan", "PlanEntry"),
+    "._prune": ("LayerReport", "PruneReport", "prune", "prune_plan"),
+    "._pursuit": ("OBSPursuit", "OBSPursuitState"),
+}
+_WHERE = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    else:
+        raise AttributeError(f"module 'iobs_jax' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
@@ -54,6 +71,7 @@ __all__ = [
     "hvp",
     "make_curvature",
     "mnist",
+    "models",
     "optax",
     "newton_direction",
     "nm_mask",

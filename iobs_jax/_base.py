@@ -49,6 +49,9 @@ def raise_if_failed(state: NamedTuple) -> None:
     Call it outside ``jit`` on the state that ``run`` returned, as a ``throw=True`` style
     check: ``x, state = solver.run(...); raise_if_failed(state)``.
     """
+    if not hasattr(state, "status"):
+        raise TypeError(f"raise_if_failed needs a solver state with a .status field (what "
+                        f"run returns second); got {type(state).__name__}.")
     status = jax.device_get(state.status)
     bad = jnp.asarray(status) == Status.NONFINITE
     if bool(jnp.any(bad)):

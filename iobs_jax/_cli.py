@@ -2,7 +2,9 @@
 
 ``iobs-jax prune``: train (or load) an MNIST model, prune it with calibration data,
 evaluate, save the pruned parameters with their masks, reload them and verify.
-Every failure is one line on stderr (exit status 2), never a traceback.
+Every failure is one line on stderr (exit status 2), never a traceback; Ctrl-C stops
+with one line and exit status 130, leaving only complete files behind. Every option is
+checked before any work. JAX's persistent compilation cache is on (``--no-cache``: off).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import _cli_common as common
 from . import _cli_sweep, _cli_transformer
 
 _METHODS = ("magnitude", "wanda", "sparsegpt", "obc", "iobs")
@@ -25,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
-        "prune",
+        "prune", parents=[common.common_parser()],
         help="train or load an MNIST model, prune it, evaluate, save and verify",
         description=(
             "Train (or load with --params) an MNIST classifier, prune its Dense/Conv layers "
@@ -54,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the mask is chosen (default: the method's own)")
     p.add_argument("--rounds", type=int, default=1,
                    help="iobs: reach the support in this many rounds (default 1)")
-    p.add_argument("--calib", type=int, default=1000,
-                   help="calibration images taken from the training set (default 1000)")
+    p.add_argument("--calib", type=int, default=None,
+                   help="calibration images taken from the training set, at most --train "
+                        "(default 1000, or --train if smaller)")
     p.add_argument("--calib-batch", type=int, default=250,
                    help="calibration batch size (default 250)")
     p.add_argument("--damping", type=float, default=0.01,
@@ -63,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true",
                    help="use the dense model's activations for every layer (faster)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the final line (no progress bars)")
     p.set_defaults(func=prune_command)
     # Other subcommands live in their own modules: each has register(sub), which adds its
     # parser and sets func=... (one line per module here).
@@ -73,20 +78,87 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(name: str, value: int, low: int = 1) -> None:
-    if value < low:
-        raise ValueError(f"--{name} must be >= {low}; got {value}.")
+    common.positive(name, value, low)
 
 
 def _out_dir(path: str) -> Path:
-    out = Path(path).expanduser()
+    return common.out_dir(path)
+
+
+_LAYER_INPUTS = {"mlp": (784, 300, 100), "cnn": (9, 144, 1568, 128)}
+
+
+def _check_prune_options(args: argparse.Namespace) -> None:
+    """Everything ``prune`` would refuse, checked before the data is read or a model
+    trained (the pruning engine checks the same again)."""
+    for name in ("train", "calib", "calib_batch", "rounds"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    _positive("epochs", args.epochs, 0)
+    if args.calib is None:
+        args.calib = min(1000, args.train)
+    elif args.calib > args.train:
+        raise ValueError(f"--calib ({args.calib}) must be <= --train ({args.train}): the "
+                         f"calibration images are taken from the training images.")
+    common.finite("damping", args.damping, 0.0)
+    if args.sparsity is not None:
+        common.finite("sparsity", args.sparsity, 0.0, 1.0)
+    if args.params and not Path(args.params).expanduser().is_file():
+        raise ValueError(f"--params: no such file {args.params!r}.")
+    if args.rounds > 1 and args.method != "iobs":
+        raise ValueError(f"--rounds is for --method iobs; got --method {args.method}.")
+    scope = args.scope or ("row" if args.method == "obc" else None)
+    if args.method == "obc" and scope == "layer":
+        raise ValueError("--method obc prunes each row to the same sparsity: use --scope row "
+                         "or global.")
+    if args.pattern is None:
+        return
+    n, m = common.nm_pattern(args.pattern)
+    if args.sparsity is not None:
+        raise ValueError(f"--sparsity and --pattern exclude each other ({n}:{m} removes "
+                         f"{1 - n / m:g} of the weights); pass one.")
+    if args.method == "obc":
+        raise ValueError("--method obc prunes unstructured rows; use iobs or sparsegpt with "
+                         "--pattern.")
+    if scope == "global":
+        raise ValueError("--scope global needs unstructured sparsity (--sparsity), not "
+                         "--pattern.")
+    bad = [c for c in _LAYER_INPUTS[args.model] if c % m]
+    if bad:
+        raise ValueError(f"--pattern {n}:{m}: the {args.model} has a layer with {bad[0]} "
+                         f"inputs, not a multiple of {m}; use an M that divides "
+                         f"{', '.join(map(str, _LAYER_INPUTS[args.model]))}.")
+
+
+def _load_data(path: str | None, quiet: bool):
+    from . import mnist
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".iobs-jax-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out: cannot write to {str(out)!r} ({err.strerror}).") from None
-    return out
+        return mnist.load_mnist(path, verbose=not quiet)
+    except FileNotFoundError as err:
+        raise ValueError(f"--data: {err}".replace("(path; --data on the command line)",
+                                                  "(--data)")) from None
+
+
+def _model_params(args, model, train, out: Path, say):
+    """Trained (or loaded, ``--params``) parameters; training writes ``dense.npz``."""
+    import jax
+
+    from . import _checkpoint, mnist
+
+    if args.params:
+        try:
+            params, _ = _checkpoint.load_params(Path(args.params).expanduser())
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"--params: cannot read {args.params!r} as parameters saved by "
+                             f"iobs-jax ({err}).") from None
+        return jax.tree.map(jax.numpy.asarray, params)
+    t0 = time.perf_counter()
+    params = mnist.train_classifier(model, train.images, train.labels,
+                                    key=jax.random.key(args.seed), epochs=args.epochs,
+                                    progress=not args.quiet)
+    _checkpoint.save_params(out / "dense.npz", params)
+    say(f"trained {args.model} for {args.epochs} epochs in {time.perf_counter() - t0:.1f} s")
+    return params
 
 
 def prune_command(args: argparse.Namespace) -> dict:
@@ -96,37 +168,23 @@ def prune_command(args: argparse.Namespace) -> dict:
     from . import _checkpoint, mnist
     from ._prune import prune
 
-    for name in ("train", "calib", "calib_batch", "rounds"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    _positive("epochs", args.epochs, 0)
+    _check_prune_options(args)
     out = _out_dir(args.out)
     say = (lambda *a: None) if args.quiet else print
-    try:
-        data = mnist.load_mnist(args.data, verbose=not args.quiet)
-    except FileNotFoundError as err:
-        raise ValueError(f"--data: {err}") from None
+    data = _load_data(args.data, args.quiet)
     if args.train >= len(data.labels):
-        raise ValueError(f"--train must be < the {len(data.labels)} images available.")
+        raise ValueError(f"--train must be < the {len(data.labels)} images available (the "
+                         f"rest is the test set); got {args.train}.")
     train, test = mnist.split_train_test(data, args.train)
     model = mnist.MLP() if args.model == "mlp" else mnist.CNN()
-    if args.params:
-        if not Path(args.params).is_file():
-            raise ValueError(f"--params: no such file {args.params!r}.")
-        params, _ = _checkpoint.load_params(args.params)
-        params = jax.tree.map(jax.numpy.asarray, params)
-    else:
-        t0 = time.perf_counter()
-        params = mnist.train_classifier(model, train.images, train.labels,
-                                        key=jax.random.key(args.seed), epochs=args.epochs)
-        _checkpoint.save_params(out / "dense.npz", params)
-        say(f"trained {args.model} for {args.epochs} epochs in {time.perf_counter() - t0:.1f} s")
+    params = _model_params(args, model, train, out, say)
     dense_acc = mnist.accuracy(model, params, test.images, test.labels)
-    calib = train.images[: min(args.calib, len(train.labels))]
+    calib = train.images[: args.calib]
     batches = [calib[i : i + args.calib_batch] for i in range(0, len(calib), args.calib_batch)]
     pruned, report = prune(
         model, params, batches, sparsity=args.sparsity, method=args.method,
         pattern=args.pattern, scope=args.scope, rounds=args.rounds, damping=args.damping,
-        sequential=not args.no_sequential,
+        sequential=not args.no_sequential, verbose=not args.quiet,
     )
     acc = mnist.accuracy(model, pruned, test.images, test.labels)
     say(report.summary())
@@ -148,7 +206,7 @@ def prune_command(args: argparse.Namespace) -> dict:
         "data": data.source, "layers": [r._asdict() for r in report.layers],
         "saved": str(path), "verified": True,
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2))
+    common.write_text(out / "report.json", json.dumps(result, indent=2))
     print(f"{args.model} {args.method}: sparsity {report.sparsity:.3f}, test accuracy "
           f"{100 * acc:.2f}% (dense {100 * dense_acc:.2f}%), saved and verified {path}")
     return result
@@ -157,7 +215,14 @@ def prune_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if not args.no_cache:
+            common.enable_compilation_cache()
         args.func(args)
+    except KeyboardInterrupt:
+        # Finished outputs were written atomically as they completed; nothing is partial.
+        print(f"iobs-jax {args.command}: interrupted (finished results are in --out)",
+              file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"iobs-jax {args.command}: error: {message}", file=sys.stderr)

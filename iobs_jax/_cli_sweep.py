@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+import tempfile
 import time
+from pathlib import Path
+
+from . import _cli_common as common
 
 _SOLVERS = ("iht", "niht", "htp", "topk-iobs", "topk-iobs-plain", "saliency-iobs", "obs-pursuit")
 _PRIORS = ("gaussian", "rademacher", "mnist")
@@ -18,14 +22,17 @@ _PRIORS = ("gaussian", "rademacher", "mnist")
 def register(sub) -> None:
     """Add the ``sweep`` and ``paper`` subcommands to ``sub`` (argparse subparsers)."""
     p = sub.add_parser(
-        "sweep", help="recovery success of several solvers over an (n, k*) grid",
+        "sweep", parents=[common.common_parser()],
+        help="recovery success of several solvers over an (n, k*) grid",
         description=(
             "Solve --trials random sparse recovery instances y = A x* (+ noise) for every "
             "cell of the grid --n x --k (x --noise) at fixed --d with each solver of "
             "--methods; every cell is one compiled, vmapped batch sharded over all devices. "
             "Writes results.csv and results.json (success rate = relative error < --tol, "
             "median relative error, support recovery, iterations, time) and one "
-            "phase-transition heatmap per noise level (phase.png) into --out."
+            "phase-transition heatmap per noise level (phase.png) into --out. The tables are "
+            "rewritten after every (n, k) cell, so an interrupted sweep (Ctrl-C) keeps its "
+            "finished cells."
         ),
     )
     p.add_argument("--d", type=int, default=256, help="number of unknowns (default 256)")
@@ -60,11 +67,12 @@ def register(sub) -> None:
                    help="compute in float32 (default float64, for relative errors of 1e-6)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--quiet", action="store_true", help="no progress line, only the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=sweep_command)
 
     q = sub.add_parser(
-        "paper", help="the paper's two synthetic figures (Gaussian and MNIST priors)",
+        "paper", parents=[common.common_parser()],
+        help="the paper's two synthetic figures (Gaussian and MNIST priors)",
         description=(
             "Reproduce the two synthetic figures of Wu et al. (2024): convergence of k-IHT "
             "and Topk-I-OBS on the Gaussian prior (n=256, d=128, k*=16, k=64) and on the "
@@ -85,7 +93,8 @@ def register(sub) -> None:
                         "packaged subset)")
     q.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     q.add_argument("--out", required=True, help="output folder (created if missing)")
-    q.add_argument("--quiet", action="store_true", help="print only the summary")
+    q.add_argument("--quiet", action="store_true",
+                   help="print only the summary (no progress bar)")
     q.set_defaults(func=paper_command)
 
 
@@ -117,29 +126,14 @@ def _at_least(name: str, value: int | None, low: int) -> None:
         raise ValueError(f"--{name} must be >= {low}; got {value}.")
 
 
-def _progress(quiet: bool):
-    if quiet:
-        return None
-    start = time.perf_counter()
-
-    def report(done: int, total: int, label: str) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r[{done}/{total}] {time.perf_counter() - start:6.1f}s {label:<44}", end=end,
-              file=sys.stderr, flush=True)
-
-    return report
-
-
 def _images(path: str | None, quiet: bool):
-    from . import mnist
+    from ._cli import _load_data
 
-    try:
-        return mnist.load_mnist(path, verbose=not quiet).images
-    except FileNotFoundError as err:
-        raise ValueError(f"--data: {err}") from None
+    return _load_data(path, quiet).images
 
 
-def sweep_command(args: argparse.Namespace) -> dict:
+def _check_sweep_options(args: argparse.Namespace) -> tuple:
+    """``(ns, ks, noises, methods)``; every option checked before any work."""
     _at_least("d", args.d, 1)
     ns = _int_list(args.n, "n", 1)
     ks = _int_list(args.k, "k", 0)
@@ -154,38 +148,73 @@ def sweep_command(args: argparse.Namespace) -> dict:
     if args.prior not in _PRIORS:
         raise ValueError(f"--prior: unknown prior {args.prior!r}; choose from "
                          f"{', '.join(_PRIORS)}.")
-    if not 0 <= args.rho < 1:
-        raise ValueError(f"--rho must be in [0, 1); got {args.rho}.")
-    if not args.tol > 0:
-        raise ValueError(f"--tol must be > 0; got {args.tol}.")
+    common.finite("rho", args.rho, 0.0, 1.0)
+    if not (args.tol > 0 and args.tol < float("inf")):
+        raise ValueError(f"--tol must be a finite number > 0; got {args.tol}.")
+    if any(not v < float("inf") for v in noises):
+        raise ValueError(f"--noise must list finite numbers; got {args.noise!r}.")
     if args.prior != "mnist" and max(ks) > args.d:
         raise ValueError(f"--k: k* = {max(ks)} is larger than --d {args.d}.")
-    from ._cli import _out_dir  # here: _cli imports this module
+    if args.prior == "mnist" and args.d != 784:
+        raise ValueError(f"--d must equal the images' pixel count 784 for --prior mnist; "
+                         f"got {args.d}.")
+    if not args.no_plots:
+        common.require_matplotlib("--no-plots")
+    return ns, ks, noises, methods
 
-    out = _out_dir(args.out)
+
+def _save_rows(result, out: Path) -> tuple[Path, Path]:
+    """``results.csv``/``results.json`` replaced atomically (complete tables only)."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".sweep-") as tmp:
+        paths = result.save(tmp)
+        for p in paths:
+            os.replace(p, out / p.name)
+    return out / paths[0].name, out / paths[1].name
+
+
+def _run_cells(args, ns, ks, noises, methods, signals, out: Path):
+    """One library sweep per (n, k) cell (every noise level and solver), the tables
+    rewritten after each, so that Ctrl-C keeps the finished cells; a tqdm bar over all."""
+    import jax
+
+    from ._progress import progress_bar
+    from ._sweep import SweepResult, sweep
+
+    rows, trials, config = [], {}, None
+    total = len(ns) * len(ks) * len(noises) * len(methods)
+    with progress_bar(total, "sweep", enabled=not args.quiet, unit="cell") as bar:
+        def tick(done, _total, label):
+            bar.set_postfix_str(label, refresh=False)
+            bar.update()
+
+        for nn in ns:
+            for kk in ks:
+                part = sweep(
+                    methods, d=args.d, n=[nn], k=[kk], trials=args.trials,
+                    key=jax.random.key(args.seed), noise=noises, design=args.design,
+                    rho=args.rho, prior=args.prior, signals=signals, success_tol=args.tol,
+                    maxiter=args.maxiter, progress=tick,
+                    dtype="float32" if args.float32 else "float64")
+                rows += part.rows
+                trials.update(part.trials)
+                config = dict(part.config, n=list(ns), k=list(ks))
+                paths = _save_rows(SweepResult(rows, trials, config), out)
+    return SweepResult(rows, trials, config), paths
+
+
+def sweep_command(args: argparse.Namespace) -> dict:
+    ns, ks, noises, methods = _check_sweep_options(args)
+    out = common.out_dir(args.out)
     import jax
 
     jax.config.update("jax_enable_x64", not args.float32)
     from . import _plots, problems
-    from ._sweep import sweep
 
     signals = None
     if args.prior == "mnist":
         images = _images(args.data, args.quiet)
-        d_img = images.shape[1] * images.shape[2]
-        if args.d != d_img:
-            raise ValueError(f"--d must equal the images' pixel count {d_img} for --prior mnist; "
-                             f"got {args.d}.")
-        if max(ks) > d_img:
-            raise ValueError(f"--k: {max(ks)} is larger than --d {d_img}.")
         signals = problems.mnist_signals(images, min(args.trials, len(images)))
-    result = sweep(
-        methods, d=args.d, n=ns, k=ks, trials=args.trials, key=jax.random.key(args.seed),
-        noise=noises, design=args.design, rho=args.rho, prior=args.prior, signals=signals,
-        success_tol=args.tol, maxiter=args.maxiter, progress=_progress(args.quiet),
-        dtype="float32" if args.float32 else "float64",
-    )
-    csv_path, json_path = result.save(out)
+    result, (csv_path, json_path) = _run_cells(args, ns, ks, noises, methods, signals, out)
     figures = []
     if not args.no_plots:
         for noise in noises:
@@ -206,9 +235,8 @@ def sweep_command(args: argparse.Namespace) -> dict:
 def paper_command(args: argparse.Namespace) -> dict:
     for name in ("trials", "steps", "images", "mnist_steps"):
         _at_least(name.replace("_", "-"), getattr(args, name), 1)
-    from ._cli import _out_dir
-
-    out = _out_dir(args.out)
+    common.require_matplotlib("(no way to skip the paper's figures)")
+    out = common.out_dir(args.out)
     images = _images(args.data, args.quiet)
     if args.images > len(images):
         raise ValueError(f"--images must be <= the {len(images)} images available.")
@@ -216,22 +244,27 @@ def paper_command(args: argparse.Namespace) -> dict:
 
     jax.config.update("jax_enable_x64", True)
     from ._paper import paper_gaussian, paper_mnist
+    from ._progress import progress_bar
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     key = jax.random.key(args.seed)
-    t0 = time.perf_counter()
-    say("Gaussian prior ...")
-    gaussian = paper_gaussian(out, key=jax.random.fold_in(key, 0), trials=args.trials,
-                              steps=args.steps)
-    t1 = time.perf_counter()
-    say(f"  done in {t1 - t0:.0f} s; MNIST prior ...")
-    mnist_summary = paper_mnist(out, images, key=jax.random.fold_in(key, 1),
-                                count=args.images, steps=args.mnist_steps)
-    t2 = time.perf_counter()
-    say(f"  done in {t2 - t1:.0f} s")
-    result = {"gaussian": gaussian, "mnist": mnist_summary,
-              "seconds": {"gaussian": t1 - t0, "mnist": t2 - t1}}
-    (out / "paper.json").write_text(json.dumps(result, indent=2))
+    result: dict = {"seconds": {}}
+    with progress_bar(2, "paper", enabled=not args.quiet, unit="part") as bar:
+        bar.set_postfix_str("Gaussian prior")
+        t0 = time.perf_counter()
+        result["gaussian"] = paper_gaussian(out, key=jax.random.fold_in(key, 0),
+                                            trials=args.trials, steps=args.steps)
+        result["seconds"]["gaussian"] = time.perf_counter() - t0
+        # Written now: an interrupted MNIST part keeps the Gaussian results.
+        common.write_text(out / "paper.json", json.dumps(result, indent=2))
+        bar.update()
+        bar.set_postfix_str("MNIST prior")
+        t1 = time.perf_counter()
+        result["mnist"] = paper_mnist(out, images, key=jax.random.fold_in(key, 1),
+                                      count=args.images, steps=args.mnist_steps)
+        result["seconds"]["mnist"] = time.perf_counter() - t1
+        common.write_text(out / "paper.json", json.dumps(result, indent=2))
+        bar.update()
+    gaussian, mnist_summary = result["gaussian"], result["mnist"]
     for prior, summary in (("Gaussian", gaussian), ("MNIST", mnist_summary)):
         for method, s in summary.items():
             if method != "recovery":

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _cli_common as common
+
 _METHODS = ("magnitude", "wanda", "sparsegpt", "obc", "iobs")
 
 
@@ -52,7 +54,8 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
                    configs: Sequence[Config], *, sparsity: float = 0.5, batch_size: int = 64,
                    damping: float = 0.01, target: str = "dense", scope: str | None = None,
                    iobs_scope: str | None = "row", step_size: float = 0.5,
-                   say=print) -> list[dict[str, Any]]:
+                   say=print, progress: bool = False,
+                   on_record=None) -> list[dict[str, Any]]:
     """Prune ``model`` once per configuration; one record per configuration.
 
     ``scope`` applies to every method (None: each method's own, except I-OBS which uses
@@ -60,11 +63,19 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
     for per-layer masks, see the README). Records: ``method, pattern, sparsity`` (zeros
     over the pruned kernels), ``iterations, target, scope, mean_cosine, nn_agreement,
     layer_loss`` (sum over layers of the loss against the layer targets), ``seconds``
-    (wall time of the pruning call).
+    (wall time of the pruning call). ``progress``: a bar over the configurations on
+    stderr; ``on_record(records)`` is called after each one (the CLI saves them then).
+
+    Iterations > 1 hold out the last ``batch_size`` calibration sentences to pick the
+    best iterate; that must leave at least as many to fit on (``len(calib) >=
+    2 * batch_size``), else ValueError: with 64 sentences and batches of 64 the fit once
+    used one sentence and held out 63.
     """
     from . import bert
+    from ._progress import progress_bar
 
     calib = list(calib)
+    check_holdout(len(calib), batch_size, configs)
     batches = tokenizer.batches(calib, batch_size)
     # For iterations > 1: the last batch is held out to pick the best iterate; it is a
     # random sample (the corpus order), not the longest sentences of the sorted batches.
@@ -73,7 +84,9 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
                     + [tokenizer(calib[n_fit:])]) if len(calib) > 1 else batches
     dense = bert.embed(model, params, tokenizer, held_out, batch_size)
     records = []
+    bar = progress_bar(len(configs), "prune-transformer", enabled=progress, unit="run")
     for cfg in configs:
+        bar.set_postfix_str(f"{cfg.method} {cfg.pattern} it={cfg.iterations}")
         kwargs: dict[str, Any] = dict(method=cfg.method, damping=damping, target=target)
         if cfg.pattern == "unstructured":
             kwargs["sparsity"] = sparsity
@@ -100,10 +113,25 @@ def run_experiment(model, params, tokenizer, calib: Sequence[str], held_out: Seq
             "layers": len(report.layers),
         }
         records.append(rec)
+        bar.update()
+        if on_record is not None:
+            on_record(records)
         say(f"{cfg.method:>10} {cfg.pattern:>12} it={cfg.iterations}: cosine "
             f"{rec['mean_cosine']:.4f}, NN agreement {rec['nn_agreement']:.3f}, layer loss "
             f"{rec['layer_loss']:.4g}, {seconds:.1f} s")
+    bar.close()
     return records
+
+
+def check_holdout(num_calib: int, batch_size: int, configs: Sequence[Config],
+                  names: tuple[str, str] = ("calib", "batch_size")) -> None:
+    """The held-out batch of iterations > 1 may be at most half the calibration data."""
+    if any(c.iterations > 1 for c in configs) and num_calib < 2 * batch_size:
+        raise ValueError(
+            f"{names[0]} ({num_calib} sentences) must be at least 2 x {names[1]} "
+            f"({2 * batch_size}) for iterations > 1: the last batch of {batch_size} is held "
+            f"out to choose the best iterate and may be at most half of the calibration "
+            f"data. Raise {names[0]} or lower {names[1]}.")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -139,9 +167,9 @@ def plot(records: Sequence[dict], path: Path) -> Path:
         ax.set_ylabel("mean cosine to dense embeddings")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from ._plots import _save
+
+    return _save(fig, plt, path, dpi=120)
 
 
 # ------------------------------------------------------------------ command line
@@ -149,7 +177,7 @@ def plot(records: Sequence[dict], path: Path) -> Path:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "prune-transformer",
+        "prune-transformer", parents=[common.common_parser()],
         help="prune a pretrained BERT sentence encoder (all-MiniLM-L6-v2) and compare methods",
         description=(
             "Prune every Dense layer of a BERT sentence encoder's Transformer layers "
@@ -174,7 +202,9 @@ def register(sub) -> None:
                    help="fraction of weights removed per layer for 'unstructured' (default 0.5)")
     p.add_argument("--iterations", default="1",
                    help="comma-separated I-OBS iteration counts, e.g. 1,2,3 (iobs only; more "
-                        "than 1 keeps the best iterate on a held-out calibration batch)")
+                        "than 1 keeps the best iterate on a held-out calibration batch: the "
+                        "last --batch-size sentences of --calib, so --calib must be at least "
+                        "2 x --batch-size)")
     p.add_argument("--step-size", type=float, default=0.5,
                    help="I-OBS step size for iterations > 1 (default 0.5)")
     p.add_argument("--calib", type=int, default=512, help="calibration sentences (default 512)")
@@ -192,13 +222,12 @@ def register(sub) -> None:
                         "own; iobs: per row)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the table (no progress bar)")
     p.set_defaults(func=prune_transformer_command)
 
 
 def _configs(args) -> list[Config]:
-    from ._prune import parse_pattern as _parse_pattern
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in _METHODS:
@@ -206,11 +235,7 @@ def _configs(args) -> list[Config]:
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     for p in patterns:
         if p != "unstructured":
-            try:
-                _parse_pattern(p)
-            except ValueError:
-                raise ValueError(f"--patterns: {p!r} is neither 'unstructured' nor N:M "
-                                 f"like 2:4.") from None
+            common.nm_pattern(p, "--patterns")
     try:
         iterations = [int(i) for i in args.iterations.split(",") if i.strip()]
     except ValueError:
@@ -219,6 +244,8 @@ def _configs(args) -> list[Config]:
     if not methods or not patterns or not iterations or min(iterations) < 1:
         raise ValueError("--methods, --patterns and --iterations need at least one value "
                          "(iterations >= 1).")
+    if max(iterations) > 1 and "iobs" not in methods:
+        raise ValueError("--iterations above 1 are for --methods iobs, which is not listed.")
     out = []
     for pattern in patterns:
         for m in methods:
@@ -226,22 +253,35 @@ def _configs(args) -> list[Config]:
                 continue  # OBC prunes unstructured rows only
             for it in (iterations if m == "iobs" else [1]):
                 out.append(Config(m, pattern, it))
+    if not out:
+        raise ValueError("nothing to run: --methods obc prunes unstructured rows only, and "
+                         "--patterns lists no 'unstructured'.")
     return out
+
+
+def _check_options(args) -> list[Config]:
+    for name in ("calib", "eval", "batch_size"):
+        common.positive(name.replace("_", "-"), getattr(args, name))
+    common.positive("eval", args.eval, 2)
+    common.finite("sparsity", args.sparsity, 0.0, 1.0)
+    common.finite("damping", args.damping, 0.0)
+    common.finite("step-size", args.step_size, 0.0)
+    if args.step_size <= 0:
+        raise ValueError(f"--step-size must be > 0; got {args.step_size}.")
+    configs = _configs(args)
+    check_holdout(args.calib, args.batch_size, configs, ("--calib", "--batch-size"))
+    if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_dir():
+        raise ValueError(f"--checkpoint: {args.checkpoint!r} is not a folder.")
+    if not args.no_plot:
+        common.require_matplotlib("--no-plot")
+    return configs
 
 
 def prune_transformer_command(args: argparse.Namespace) -> list[dict]:
     from . import bert, corpus
-    from ._cli import _out_dir, _positive
 
-    for name in ("calib", "eval", "batch_size"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    _positive("eval", args.eval, 2)
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1); got {args.sparsity}.")
-    if not args.damping >= 0:
-        raise ValueError(f"--damping must be >= 0; got {args.damping}.")
-    configs = _configs(args)
-    out = _out_dir(args.out)
+    configs = _check_options(args)
+    out = common.out_dir(args.out)
     say = (lambda *a: None) if args.quiet else print
     try:
         model, params, tok = bert.load_bert(args.checkpoint)
@@ -254,17 +294,15 @@ def prune_transformer_command(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--calib/--eval: {err}") from None
     say(f"{len(calib)} calibration and {len(held_out)} held-out sentences; "
         f"{len(configs)} configurations")
+    report = out / "report.json"
     records = run_experiment(
         model, params, tok, calib, held_out, configs, sparsity=args.sparsity,
         batch_size=args.batch_size, damping=args.damping, target=args.target,
-        scope=args.scope, step_size=args.step_size, say=say,
+        scope=args.scope, step_size=args.step_size, say=say, progress=not args.quiet,
+        on_record=lambda recs: common.write_text(report, json.dumps(recs, indent=2)),
     )
-    (out / "report.json").write_text(json.dumps(records, indent=2))
     print(table(records))
     if not args.no_plot:
-        try:
-            say(f"plot: {plot(records, out / 'prune_transformer.png')}")
-        except ImportError:
-            say("plot skipped: matplotlib is not installed (pip install matplotlib)")
-    print(f"wrote {out / 'report.json'}")
+        say(f"plot: {plot(records, out / 'prune_transformer.png')}")
+    print(f"wrote {report}")
     return records

@@ -34,8 +34,12 @@ from ._masks import tree_size
 from ._validation import (
     check_choice,
     check_finite_result,
+    check_float_array,
+    check_int,
     check_nonnegative_scalar,
+    check_same_structure,
     check_square_matrix,
+    check_tol,
 )
 
 __all__ = [
@@ -79,6 +83,7 @@ def hvp(fun: Callable[..., jax.Array], x: Any, v: Any, *args: Any) -> Any:
       >>> hvp(f, jnp.ones(3), jnp.ones(3), jnp.array([1., 2., 3.]))
       Array([1., 2., 3.], dtype=float32)
     """
+    check_same_structure(x, v, "x", "v")
     return jax.jvp(lambda p: jax.grad(fun)(p, *args), (x,), (v,))[1]
 
 
@@ -199,7 +204,10 @@ class OperatorCurvature:
     ``cg_tol`` is CG's relative residual tolerance and ``cg_maxiter`` its iteration cap
     (``None``: ``10 d``); see :func:`conjugate_gradient`. CG needs ``H + damping I`` to
     be positive definite on the space it works in; with a singular ``H`` and zero damping
-    it still converges on consistent systems (gradients of least squares are).
+    it still converges on consistent systems (gradients of least squares are). An
+    indefinite ``H`` gives NaN solutions (see :func:`conjugate_gradient`), unless
+    ``truncate=True``: truncated Newton-CG, which stops at negative curvature (a gradient
+    step if that is the first direction; no correction for masked solves).
     """
 
     def __init__(
@@ -211,8 +219,10 @@ class OperatorCurvature:
         *,
         cg_tol: float = 1e-6,
         cg_maxiter: int | None = None,
+        truncate: bool = False,
     ):
         self._op = matvec
+        self.truncate = truncate
         self.size = size
         self.dtype = dtype
         self.damping = jnp.asarray(damping, dtype)
@@ -222,12 +232,13 @@ class OperatorCurvature:
     def matvec(self, v: jax.Array) -> jax.Array:
         return self._op(v) + self.damping * v
 
-    def _cg(self, op, b, x0=None):
+    def _cg(self, op, b, x0=None, fallback="zero"):
         maxiter = 10 * self.size if self.cg_maxiter is None else self.cg_maxiter
-        return conjugate_gradient(op, b, x0, tol=self.cg_tol, maxiter=maxiter)
+        return cg_solve(op, b, x0, tol=self.cg_tol, maxiter=maxiter,
+                        truncate=fallback if self.truncate else None)
 
     def solve(self, b: jax.Array, x0: jax.Array | None = None) -> jax.Array:
-        return self._cg(self.matvec, b, x0)
+        return self._cg(self.matvec, b, x0, fallback="gradient")
 
     def masked_solve(
         self, mask: jax.Array, b: jax.Array, size: int | None = None, *,
@@ -268,35 +279,78 @@ def conjugate_gradient(
     """Conjugate gradients for ``op(x) = b`` with ``op`` symmetric PSD, guarded for round-off.
 
     Stops when ``||r|| <= tol_eff ||b||`` with ``tol_eff = max(tol, 10 eps)`` (a tolerance
-    below the dtype's precision would otherwise iterate into 0/0), after ``maxiter``
-    iterations, or when the search direction has no curvature left (``p^T A p <= 0``),
-    in which case the current iterate is returned instead of NaN.
+    below the dtype's precision would otherwise iterate into 0/0), or after ``maxiter``
+    iterations. A search direction ``p`` with no curvature left (``p^T A p ~ 0`` and
+    ``A p ~ 0``: the null space of a singular PSD operator) ends the run at the current
+    iterate. A direction of *negative or zero curvature with* ``A p`` *clearly nonzero``
+    proves that ``op`` is not PSD (indefinite); then, and when ``op`` returns NaN/inf, the
+    result is all NaN, so that solvers report :attr:`Status.NONFINITE`, never a
+    silently wrong (e.g. zero) direction. Called eagerly (not under ``jit``) it raises
+    ``ValueError`` instead.
+
+    Example:
+      >>> conjugate_gradient(lambda v: jnp.array([2.0, 4.0]) * v, jnp.array([2.0, 4.0]))
+      Array([1., 1.], dtype=float32)
+    """
+    tol = check_tol(tol, "tol")
+    maxiter = check_int(maxiter, "maxiter", low=0)
+    b = check_float_array(b, "b")
+    x = cg_solve(op, b, x0, tol=tol, maxiter=maxiter)
+    return check_finite_result(
+        x, "the conjugate gradient solution",
+        "op returned NaN/inf or is not positive semi-definite (a direction of negative "
+        "curvature p^T op(p) <= 0 was found); add damping, or use a PSD approximation "
+        "such as Gauss-Newton.")
+
+
+def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Array:
+    """:func:`conjugate_gradient` without the eager check (for traced library code).
+
+    ``truncate="gradient"`` or ``"zero"``: truncated Newton-CG instead of failing (Nocedal
+    & Wright, Algorithm 7.1): at a direction of negative curvature stop with the current
+    iterate, or, on the first iteration, with ``b`` itself (a gradient step) or zero.
+    A non-finite ``op`` still gives NaN.
     """
     dtype = b.dtype
-    tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * jnp.finfo(dtype).eps)
+    eps = jnp.finfo(dtype).eps
+    tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * eps)
     stop2 = (tol_eff**2) * jnp.vdot(b, b)
     x = jnp.zeros_like(b) if x0 is None else x0
     r = b - op(x) if x0 is not None else b
     rs = jnp.vdot(r, r)
 
     def cond(carry):
-        i, _, _, _, rs, done = carry
+        i, _, _, _, rs, done, _ = carry
         return (i < maxiter) & (rs > stop2) & ~done
 
     def body(carry):
-        i, x, r, p, rs, _ = carry
+        i, x, r, p, rs, _, top = carry
         ap = op(p)
         pap = jnp.vdot(p, ap)
+        # The largest ||A p|| / ||p|| seen: the operator's scale, to tell a null-space
+        # direction (A p ~ 0, fine for a singular PSD op) from a non-PSD one.
+        norm_p, norm_ap = jnp.linalg.norm(p), jnp.linalg.norm(ap)
+        top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
+        # p^T A p <= 0 with A p clearly nonzero cannot happen for a PSD A (there
+        # p^T A p >= ||A p||^2 / lambda_max), even with round-off, in any precision.
         ok = pap > 0
+        negative = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
         x = x + alpha * p
+        if truncate == "gradient":
+            x = jnp.where(negative & (i == 0), b, x)
+        elif truncate is None:
+            x = jnp.where(negative, jnp.nan, x)
+        x = jnp.where(jnp.isfinite(pap), x, jnp.nan)
         r = r - alpha * ap
         rs_new = jnp.vdot(r, r)
         beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
-        return i + 1, x, r, r + beta * p, rs_new, ~ok
+        return i + 1, x, r, r + beta * p, rs_new, ~ok, top
 
-    _, x, *_ = jax.lax.while_loop(cond, body, (0, x, r, r, rs, jnp.array(False)))
-    return x
+    init = (0, x, r, r, rs, jnp.array(False), jnp.zeros((), dtype))
+    _, x, *_ = jax.lax.while_loop(cond, body, init)
+    # A non-finite right-hand side (or op(x0)) stops the loop at once: not a solution.
+    return jnp.where(jnp.isfinite(rs), x, jnp.nan)
 
 
 def _sign_probes(size: int, num: int, dtype: Any) -> jax.Array:
@@ -323,6 +377,8 @@ def power_iteration(
     Power iteration approaches ``lambda_max`` from below: callers that need a safe
     ``1 / L`` step add a margin.
     """
+    size = check_int(size, "size", low=1)
+    num_iters = check_int(num_iters, "num_iters", low=0)
     idx = jnp.arange(size, dtype=dtype)
     v = 1.0 + 0.5 * jnp.sin(1.0 + idx)  # fixed, generic start: not orthogonal to anything
     v = v / jnp.linalg.norm(v)
@@ -340,6 +396,13 @@ def power_iteration(
 
 
 HESSIAN_KINDS = ("exact", "cg")
+
+
+def check_cg_options(cg_tol: Any, cg_maxiter: Any) -> None:
+    """CG options at the public boundary: a tolerance >= 0 and an iteration cap >= 1."""
+    check_tol(cg_tol, "cg_tol")
+    if cg_maxiter is not None:
+        check_int(cg_maxiter, "cg_maxiter", low=1)
 
 
 def make_curvature(
@@ -395,10 +458,15 @@ def newton_direction(
     :func:`make_curvature`. A Newton step is ``x - newton_direction(...)``.
     """
     damping = check_nonnegative_scalar(damping, "damping")
+    check_cg_options(cg_tol, cg_maxiter)
     flat, unravel = ravel_pytree(x)
     flat_fun = lambda z, *a: fun(unravel(z), *a)
     if tree_size(x) == 0:
         raise ValueError("newton_direction needs at least one parameter.")
+    out = jax.eval_shape(flat_fun, flat, *args)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"fun(x, *args) must return a real scalar for newton_direction; got "
+                         f"{getattr(out, 'shape', type(out))}.")
     curv = make_curvature(
         hessian, flat_fun, flat, args, damping, unravel=unravel, cg_tol=cg_tol,
         cg_maxiter=cg_maxiter,
@@ -408,6 +476,7 @@ def newton_direction(
     return check_finite_result(
         direction, "the Newton direction",
         "the gradient or Hessian of fun at x is not finite, or the Hessian is not positive "
-        "definite (Cholesky fails on an indefinite matrix). Pass damping > 0, use "
-        "hessian='cg', or a PSD approximation (Gauss-Newton) as a callable hessian.",
+        "definite (Cholesky fails, and CG finds negative curvature, on an indefinite "
+        "matrix). Pass damping larger than minus its most negative eigenvalue, or a PSD "
+        "approximation (Gauss-Newton) as a callable hessian.",
     )

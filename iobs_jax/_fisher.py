@@ -28,7 +28,7 @@ import numpy as np
 
 from ._curvature import DenseCurvature, compute_dtype, highest_precision
 from ._masks import _topk_mask_flat, flatten, unflatten_like
-from ._obs import _project_from_inverse, saliency
+from ._obs import project_from_inverse_scaled, saliency_rank
 from ._validation import check_finite, check_int, check_nonnegative_scalar, check_positive_scalar
 
 __all__ = ["fisher_prune", "FisherReport"]
@@ -129,7 +129,12 @@ def fisher_prune(
         loss_fn = functools.partial(loss_fn)
     static = {"loss_fn": loss_fn, "treedef": treedef, "sel": tuple(sel)}
     first = jax.tree.map(lambda x: x[0], ex)
-    out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
+    try:
+        out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
+    except Exception as err:  # re-raised naming the arguments
+        raise ValueError(f"loss_fn(params, example) failed on the first example (shapes "
+                         f"{[np.shape(x) for x in jax.tree.leaves(first)]}); check that "
+                         f"examples match params. {type(err).__name__}: {err}") from err
     if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return a floating scalar for ONE example; got shape "
                          f"{out.shape}, dtype {out.dtype} (pass single examples, not batches).")
@@ -148,17 +153,22 @@ def fisher_prune(
     step = jnp.asarray(float(step_size) if newton_step else 0.0, work)
     damping = jnp.asarray(float(damping), work)
     ginv, theta, scores = _newton_and_saliency(sel_vals, *acc, m, damping, step, woodbury=woodbury)
+    _check_statistics(ginv, theta, scores, d, work)
     keep = d - int(round(sparsity * d)) + (nb * b - d)  # the padding (score inf) is kept
     mask = _topk_mask_flat(scores.ravel(), keep).reshape(nb, b)  # outside jit: k varies
     pieces, kept, cost, count, finite = _obs_update(sel_vals, ginv, theta, mask)
     if not bool(finite):
-        raise ValueError("the Fisher OBS update is not finite: increase damping or use more "
-                         "examples.")
+        raise ValueError("the Fisher OBS update is not finite in "
+                         f"{jnp.dtype(work).name}: increase damping, use more examples, or "
+                         "rescale loss_fn/the parameters (or compute in float64).")
     new_leaves, masks = list(leaves), [jnp.ones(jnp.shape(x), bool) for x in leaves]
     for i, p, k in zip(sel, pieces, kept, strict=True):
         new_leaves[i], masks[i] = p, k
     masks, took = jax.tree.unflatten(treedef, masks), time.perf_counter() - start
-    report = FisherReport(masks, 1.0 - int(count) / d, m, b, float(cost), took)
+    # The cost of weights near 1e18 does not fit float32: combined on the host in float64.
+    increase = 0.5 * float(np.sum(np.ldexp(np.asarray(cost[0], np.float64),
+                                           np.asarray(cost[1]))))
+    report = FisherReport(masks, 1.0 - int(count) / d, m, b, increase, took)
     return jax.tree.unflatten(treedef, new_leaves), report
 
 
@@ -181,7 +191,11 @@ def _select(names: list[str], leaves: list, filter: Callable | None) -> list[int
         return np.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
     pick = default if filter is None else filter
-    sel = [i for i, (n, x) in enumerate(zip(names, leaves, strict=True)) if pick(n, x)]
+    try:
+        sel = [i for i, (n, x) in enumerate(zip(names, leaves, strict=True)) if pick(n, x)]
+    except Exception as err:  # re-raised naming the argument
+        raise TypeError(f"filter must be a callable (path, leaf) -> bool; calling it failed: "
+                        f"{type(err).__name__}: {err}") from err
     if not sel or not sum(np.size(leaves[i]) for i in sel):
         shown = ", ".join(f"{n} {np.shape(x)}" for n, x in zip(names, leaves, strict=True))
         raise ValueError(f"the filter selects no weights to prune; the leaves are: {shown}.")
@@ -218,6 +232,19 @@ def _chunk_stats(vals, rest, ex, start, m, acc, *, loss_fn, treedef, sel, chunk,
     second = (jax.lax.dynamic_update_slice_in_dim(second, g, start, axis=0) if woodbury
               else second + jnp.einsum("cnb,cnk->nbk", g, g))
     return (gsum + jnp.sum(g, axis=0), second), bad
+
+
+def _check_statistics(ginv, theta, scores, d: int, work) -> None:
+    """The Fisher blocks, ``theta~`` and the ``d`` real saliencies must be finite: squared
+    gradients of weights near 1e18 overflow float32, and the NaN/inf saliencies that
+    follow once made the top-k keep every weight, reported as sparsity 0."""
+    finite = (jnp.all(jnp.isfinite(ginv)) & jnp.all(jnp.isfinite(theta))
+              & (jnp.sum(jnp.isfinite(scores)) == d))
+    if not bool(finite):
+        raise ValueError(
+            f"the empirical Fisher is not finite in {jnp.dtype(work).name}: the per-example "
+            f"gradients are too large (or too small) for it. Rescale loss_fn or the "
+            f"parameters, or compute in float64 (jax.config.update('jax_enable_x64', True)).")
 
 
 def _block_damping(diag_sums: jax.Array, counts: jax.Array, m, damping) -> jax.Array:
@@ -258,15 +285,15 @@ def _newton_and_saliency(vals, gsum, second, m, damping, step, *, woodbury):
     theta = jnp.pad(flatten(vals, gsum.dtype), (0, nb * b - d)).reshape(nb, b)
     theta = theta - step * jnp.einsum("nij,nj->ni", ginv, gsum / m)
     diag = jnp.maximum(jnp.diagonal(ginv, axis1=1, axis2=2), jnp.finfo(theta.dtype).tiny)
-    return ginv, theta, jnp.where(valid, saliency(theta, diag), jnp.inf)
+    return ginv, theta, jnp.where(valid, saliency_rank(theta, diag), jnp.inf)
 
 
 @jax.jit
 def _obs_update(vals, ginv, theta, mask):
     """OBS correction inside every block; the pruned leaves, their masks and the cost."""
     d = sum(v.size for v in vals)
-    pruned, cost = jax.vmap(_project_from_inverse)(ginv, theta, mask)
+    pruned, cost, e = jax.vmap(project_from_inverse_scaled)(ginv, theta, mask)
     flat, kept = pruned.ravel()[:d], mask.ravel()[:d]
     pieces = [p.astype(v.dtype) for p, v in zip(unflatten_like(flat, vals), vals, strict=True)]
-    finite = jnp.all(jnp.isfinite(flat)) & jnp.isfinite(jnp.sum(cost))
-    return pieces, unflatten_like(kept, vals), 0.5 * jnp.sum(cost), jnp.sum(kept), finite
+    finite = jnp.all(jnp.isfinite(flat)) & jnp.all(jnp.isfinite(cost))
+    return pieces, unflatten_like(kept, vals), (cost, e), jnp.sum(kept), finite

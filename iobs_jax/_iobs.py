@@ -20,7 +20,7 @@ from ._base import (
 )
 from ._curvature import HESSIAN_KINDS, make_curvature
 from ._masks import _topk_mask_flat
-from ._obs import greedy_obs_unchecked, project, saliency
+from ._obs import greedy_obs_unchecked, project, saliency_rank
 from ._validation import check_choice, check_nonnegative_scalar, check_positive_scalar
 
 __all__ = ["IOBS", "IOBSState"]
@@ -145,7 +145,7 @@ class IOBS:
             if self.correction:
                 return theta, mask
         elif self.selection == "saliency":
-            mask = _topk_mask_flat(saliency(x_tilde, curv.inverse_diag()), self.k)
+            mask = _topk_mask_flat(saliency_rank(x_tilde, curv.inverse_diag()), self.k)
         else:
             mask = _topk_mask_flat(jnp.abs(x_tilde), self.k)
         if self.correction:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._validation import check_finite, check_float_array, check_int
+from ._validation import check_axis, check_finite, check_float_array, check_int
 
 __all__ = ["topk_mask", "hard_threshold", "nm_mask", "tree_size", "flatten", "unflatten_like"]
 
@@ -124,7 +124,8 @@ def hard_threshold(x: Any, k: int) -> Any:
       >>> hard_threshold(jnp.array([0.5, -2.0, 1.0]), 2)
       Array([ 0., -2.,  1.], dtype=float32)
     """
-    x = jax.tree.map(jnp.asarray, x)
+    x = jax.tree.map(lambda leaf: jnp.asarray(check_float_array(leaf, "x") if isinstance(
+        leaf, str) else leaf), x)
     # Integers are allowed (and kept); magnitudes are compared in floating point.
     magnitudes = jax.tree.map(
         lambda leaf: jnp.abs(check_finite(check_float_array(leaf, "x"), "x")), x
@@ -155,8 +156,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
         raise ValueError("nm_mask needs an array with at least one axis; got a scalar.")
     m = check_int(m, "m", low=1)
     n = check_int(n, "n", low=0, high=m)
-    if not -scores.ndim <= axis < scores.ndim:
-        raise ValueError(f"axis={axis} is out of range for scores of rank {scores.ndim}.")
+    axis = check_axis(axis, scores.ndim)
     length = scores.shape[axis]
     if length % m:
         raise ValueError(

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._curvature import Curvature, DenseCurvature, OperatorCurvature, compute_dtype
+from ._curvature import (
+    Curvature,
+    DenseCurvature,
+    OperatorCurvature,
+    check_cg_options,
+    compute_dtype,
+)
 from ._masks import _topk_mask_flat, flatten
 from ._validation import (
     check_finite,
@@ -34,6 +40,7 @@ from ._validation import (
     check_same_structure,
     check_square_matrix,
     is_concrete,
+    is_finite_now,
 )
 
 __all__ = ["obs_saliency", "obs_project", "obs_project_from_inverse", "greedy_obs"]
@@ -47,6 +54,9 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
     ``hinv_diag`` is the diagonal of ``G = H^{-1}`` (array or pytree like ``theta``). The
     saliency is twice the increase of the quadratic model when ``theta_i`` is set to zero
     and the other weights are optimally corrected. Smaller means cheaper to prune.
+    Computed in at least float32 (16-bit inputs give float32 saliencies: squares of
+    half-precision weights under- and overflow); a saliency that overflows even there is
+    a ValueError, not an ``inf``.
 
     Example:
       >>> obs_saliency(jnp.array([1.0, 2.0]), jnp.array([0.5, 4.0]))
@@ -61,12 +71,30 @@ def obs_saliency(theta: Any, hinv_diag: Any) -> Any:
                 "hinv_diag must be > 0 (the diagonal of a positive definite inverse Hessian); "
                 "add damping to the Hessian before inverting it."
             )
-    return jax.tree.map(saliency, theta, hinv_diag)
+    def one(t, g):
+        work = compute_dtype(jnp.result_type(t, g))
+        return saliency(jnp.asarray(t, work), jnp.asarray(g, work))
+
+    out = jax.tree.map(one, theta, hinv_diag)
+    return check_finite_result(out, "the OBS saliency", "theta**2 / hinv_diag overflows its "
+                               "dtype; rescale theta or compute in float64.")
 
 
 def saliency(theta: jax.Array, hinv_diag: jax.Array) -> jax.Array:
     """``theta**2 / hinv_diag`` without checks (for traced code inside the library)."""
     return theta**2 / hinv_diag
+
+
+def saliency_rank(theta: jax.Array, hinv_diag: jax.Array) -> jax.Array:
+    """A score ordered exactly like ``theta**2 / hinv_diag``, for top-k selection.
+
+    ``|theta| / sqrt(hinv_diag)`` in at least float32: squaring is what under- and
+    overflows (a float16 weight of 1e-4 squares to 0, so every saliency tied at 0 and the
+    "top-k" was the first k indices; a float32 weight of 1e20 squares to inf), and sqrt
+    is monotone, so the order is the same.
+    """
+    work = compute_dtype(jnp.result_type(theta, hinv_diag))
+    return jnp.abs(theta.astype(work)) * jax.lax.rsqrt(hinv_diag.astype(work))
 
 
 def project(
@@ -124,9 +152,11 @@ def obs_project(
         lambda t: check_finite(check_float_array(t, "theta_tilde"), "theta_tilde"), theta_tilde
     )
     damping = check_nonnegative_scalar(damping, "damping")
+    check_cg_options(cg_tol, cg_maxiter)
     flat, unravel = ravel_pytree(theta_tilde)
     d = flat.shape[0]
     if callable(hessian):
+        _check_operator(hessian, theta_tilde)
         matvec = _flat_operator(hessian, unravel, flat.dtype)
         curv = OperatorCurvature(
             matvec, d, flat.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter
@@ -155,13 +185,44 @@ def _check_mask(mask: Any, like: Any) -> jax.Array:
 
 
 _NOT_PD = (
-    "the curvature is not positive definite on the kept support (indefinite or singular). "
-    "Pass damping > 0 (or a PSD approximation such as Gauss-Newton)."
+    "the curvature is not positive definite on the kept support (indefinite or singular), "
+    "or a callable hessian returned NaN/inf. Pass damping > 0 (or a PSD approximation "
+    "such as Gauss-Newton)."
 )
+
+
+def check_positive_definite(m: jax.Array, name: str) -> None:
+    """Raise unless a concrete symmetric ``m`` has a Cholesky factor (up to the round-off
+    jitter every dense solve adds): an inverse Hessian ``G`` is positive definite by
+    definition, and a negative definite one would give confident nonsense."""
+    if not is_concrete(m) or not m.size:
+        return
+    with jax.ensure_compile_time_eval():
+        ok = bool(jnp.all(jnp.isfinite(DenseCurvature(m).chol)))
+    if not ok:
+        raise ValueError(f"{name} must be symmetric positive definite (G = H^-1 of a "
+                         f"positive definite H); its Cholesky factorization fails. Invert a "
+                         f"damped Hessian, H + damping * I.")
 
 
 def _check_solution(x: Any, what: str) -> Any:
     return check_finite_result(x, what, _NOT_PD)
+
+
+def _check_operator(op: Callable[[Any], Any], like: Any) -> None:
+    """Probe a callable ``hessian`` once with ``like`` (when concrete): its output must be
+    a finite pytree of the same structure and shapes, or CG would fail deep inside."""
+    if not all(is_concrete(leaf) for leaf in jax.tree.leaves(like)):
+        return
+    try:
+        out = op(like)
+    except Exception as err:  # re-raised naming the argument
+        raise TypeError(f"hessian(v) failed for v shaped like theta_tilde: "
+                        f"{type(err).__name__}: {err}") from err
+    check_same_structure(like, out, "theta_tilde", "hessian(v)")
+    if not all(is_finite_now(leaf) for leaf in jax.tree.leaves(out)):
+        raise ValueError("hessian(v) returned NaN/inf for v = theta_tilde; the callable must "
+                         "return the finite product H v.")
 
 
 def _flat_operator(op: Callable[[Any], Any], unravel, dtype) -> Callable[[jax.Array], jax.Array]:
@@ -175,10 +236,28 @@ def _project_from_inverse(
 
     ``size``: the number of True entries of ``mask`` when it is static.
     """
+    projected, cost, e = project_from_inverse_scaled(g, theta_tilde, mask, size)
+    return projected, jnp.ldexp(cost, e)
+
+
+def project_from_inverse_scaled(g: jax.Array, theta_tilde: jax.Array, mask: jax.Array,
+                                size: int | None = None):
+    """``(theta, cost / 2^e, e)``: the projection solved on ``theta~`` and ``G`` scaled by
+    powers of two to their largest entries (``e = 2 e_theta - e_G``).
+
+    The projection is linear in ``theta~`` and does not depend on the scale of ``G``, but
+    the intermediate ``(G_PP)^{-1} theta~_P`` overflows float32 for weights near 1e18
+    with a Fisher inverse near 1e-36; the cost itself may not fit the dtype, so it comes
+    back in pieces for the caller to combine in float64.
+    """
+    es = _exponent(jnp.max(jnp.abs(theta_tilde)))
+    ec = _exponent(jnp.max(jnp.abs(jnp.diagonal(g))))
+    theta, g = jnp.ldexp(theta_tilde, -es), jnp.ldexp(g, -ec)
     # (G_PP)^{-1} theta~_P via the masked solve on the complement, then spread by G[:, P].
-    removed = None if size is None else theta_tilde.shape[0] - size
-    w = DenseCurvature(g).masked_solve(~mask, theta_tilde, removed)
-    return jnp.where(mask, theta_tilde - g @ w, 0.0), jnp.vdot(theta_tilde, w)
+    removed = None if size is None else theta.shape[0] - size
+    w = DenseCurvature(g).masked_solve(~mask, theta, removed)
+    projected = jnp.ldexp(jnp.where(mask, theta - g @ w, 0.0), es)
+    return projected, jnp.vdot(theta, w), 2 * es - ec
 
 
 def obs_project_from_inverse(
@@ -195,6 +274,7 @@ def obs_project_from_inverse(
     d = theta_tilde.shape[0]
     g = check_square_matrix(hessian_inverse, d, "hessian_inverse")
     g = check_finite(g, "hessian_inverse").astype(compute_dtype(theta_tilde.dtype))
+    check_positive_definite(g, "hessian_inverse")
     if np.shape(mask) != (d,):
         raise ValueError(f"mask must have shape ({d},) like theta_tilde; got {np.shape(mask)}.")
     mask = _check_mask(mask, theta_tilde)
@@ -250,6 +330,7 @@ def greedy_obs(
         )
     d = theta.shape[0]
     g = check_finite(check_square_matrix(hessian_inverse, d, "hessian_inverse"), "hessian_inverse")
+    check_positive_definite(g, "hessian_inverse")
     k = check_int(k, "k", low=0, high=d)
     out, mask = greedy_obs_unchecked(theta, g, k, bool(safeguard))
     return _check_solution(out, "greedy OBS"), mask
@@ -265,8 +346,30 @@ def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: int, safeguard: bool
 @functools.partial(jax.jit, static_argnames=("k", "safeguard"))
 def _greedy_obs(theta, g, k, safeguard):
     # Compiled once per (shape, k): eager callers would otherwise retrace the loop.
-    d = theta.shape[0]
+    # OBS is linear in theta and invariant to the scale of G (the mask and the corrected
+    # weights do not change), so both are scaled to O(1) first: squares of weights near
+    # 1e20 overflow float32, and an overflowing saliency once made argmin pick an entry
+    # already removed (k + 1 kept).
+    e = _exponent(jnp.max(jnp.abs(theta)))
     g = 0.5 * (g + g.T)
+    g = jnp.ldexp(g, -_exponent(jnp.max(jnp.abs(jnp.diagonal(g)))))
+    out, mask = _greedy_obs_scaled(jnp.ldexp(theta, -e), g, k, safeguard)
+    return jnp.ldexp(out, e), mask
+
+
+def _exponent(m: jax.Array) -> jax.Array:
+    """The binary exponent ``e`` with ``m / 2^e`` in ``[0.5, 1)`` (0 for 0/inf/NaN).
+
+    Scaling by ``ldexp(x, -e)`` is exact; ``x / m`` is not safe: XLA on CPU divides by
+    multiplying with ``1 / m``, which flushes to zero for ``m`` above ~8.5e37 in float32.
+    """
+    e = jnp.frexp(m)[1]
+    return jnp.where((m > 0) & jnp.isfinite(m), e, jnp.zeros_like(e))
+
+
+def _greedy_obs_scaled(theta, g, k, safeguard):
+    d = theta.shape[0]
+    big = jnp.finfo(theta.dtype).max
     # Round-off can push a Schur complement's diagonal to <= 0; clamp it to a tiny
     # positive value so saliencies stay finite and ordered instead of turning NaN.
     floor = jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(g)))
@@ -274,7 +377,9 @@ def _greedy_obs(theta, g, k, safeguard):
     def body(_, carry):
         theta, gk, removed, cost = carry
         gdiag = jnp.maximum(jnp.diagonal(gk), floor)
-        sal = jnp.where(removed, jnp.inf, theta**2 / gdiag)
+        # Removed entries rank last (inf), kept ones below it whatever their value, so
+        # every round removes a new entry: exactly d - k removed.
+        sal = jnp.where(removed, jnp.inf, jnp.minimum(theta**2 / gdiag, big))
         p = jnp.argmin(sal)
         col = gk[:, p]
         theta = theta - (theta[p] / gdiag[p]) * col

@@ -1,4 +1,4 @@
-"""Figures for recovery sweeps (matplotlib is optional: imported only when a plot is made).
+"""Figures for recovery sweeps (matplotlib is imported only when a plot is made).
 
 - :func:`plot_phase_transition`: success rate over ``(n, k)`` as one heatmap per solver.
 - :func:`plot_convergence`: loss and distance to ``x*`` per step, median and 10-90% band.
@@ -22,8 +22,8 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise ImportError(
-            "plots need matplotlib, an optional dependency: pip install matplotlib "
-            "(or pip install 'iobs_jax[bench]')."
+            "plots need matplotlib, a dependency of iobs_jax that is missing here: "
+            "pip install matplotlib."
         ) from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -134,9 +134,15 @@ def plot_image_grid(truth: np.ndarray, recovered: Mapping[str, np.ndarray], path
     return _save(fig, plt, path)
 
 
-def _save(fig, plt, path) -> Path:
+def _save(fig, plt, path, dpi: int = 110) -> Path:
+    """Write the PNG under a temporary name and rename it: never a half-written figure."""
+    from ._cli_common import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -8,6 +8,7 @@ optimizer and need nothing after ``optax.apply_updates``::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,24 +20,32 @@ from jax.flatten_util import ravel_pytree
 
 from ._curvature import OperatorCurvature, highest_precision, hvp
 from ._masks import _topk_mask_dynamic, _topk_mask_flat, nm_mask
-from ._obs import project
+from ._obs import project, saliency_rank
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 
 class SparsityState(NamedTuple):
-    """``count``: updates so far; ``masks``: bool pytree like params (True = kept)."""
+    """``count``: updates so far; ``masks``: bool pytree like params (True = kept);
+    ``skipped``: updates returned as zeros because they were not finite; ``bad_sparsity``:
+    mask updates at which the sparsity schedule gave a value outside ``[0, 1)`` (the
+    previous masks were kept). Both are int32 counts, zero in a healthy run."""
 
     count: jax.Array
     masks: Any
+    skipped: jax.Array
+    bad_sparsity: jax.Array
 
 
 class IOBSTransformState(NamedTuple):
-    """State of :func:`iobs`: the projection state plus the diagonal curvature EMA."""
+    """State of :func:`iobs`: the projection state plus the diagonal curvature EMA;
+    ``skipped`` and ``bad_sparsity`` as in :class:`SparsityState`."""
 
     count: jax.Array
     masks: Any
     second_moment: Any
+    skipped: jax.Array
+    bad_sparsity: jax.Array
 
 
 def cubic_sparsity_schedule(
@@ -65,9 +74,27 @@ def cubic_sparsity_schedule(
     return schedule
 
 
-def _check_sparsity(s):
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1) or an Optax schedule; got {s!r}.")
+def _check_sparsity(s, name="sparsity"):
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1) or an Optax schedule; got {s!r}.")
+
+
+def _check_schedule_start(schedule, name):
+    """A schedule is checked where it can be, at step 0 (later steps are guarded inside
+    the update and counted in the state)."""
+    try:
+        value = schedule(jnp.zeros((), jnp.int32))
+    except Exception as err:  # re-raised naming the argument
+        raise TypeError(f"{name}: the schedule failed at step 0: {type(err).__name__}: "
+                        f"{err}") from err
+    arr = jnp.asarray(value)
+    if arr.shape != () or not jnp.issubdtype(arr.dtype, jnp.number):
+        raise TypeError(f"{name}: the schedule must return a scalar number; got {value!r}.")
+    return float(arr)
+
+
+def _is_float(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
 
 def _paths(tree):
@@ -79,14 +106,19 @@ def _paths(tree):
 def _selected(params, filter_fn):
     names, leaves, _ = _paths(params)
     if filter_fn is None:
-        chosen = [jnp.ndim(x) >= 2 for x in leaves]
+        chosen = [jnp.ndim(x) >= 2 and _is_float(x) for x in leaves]
     else:
         chosen = [bool(filter_fn(n, x)) for n, x in zip(names, leaves, strict=True)]
     if not any(chosen):
         raise ValueError(
             f"the filter selects no parameter to sparsify; leaves are: {', '.join(names)} "
-            f"(default filter: leaves with 2 or more dimensions)."
+            f"(default filter: floating leaves with 2 or more dimensions)."
         )
+    for name, leaf, c in zip(names, leaves, chosen, strict=True):
+        if c and not _is_float(leaf):
+            raise TypeError(f"filter selects {name!r} of dtype {jnp.result_type(leaf)}; only "
+                            f"floating leaves can be sparsified (integer leaves are left as "
+                            f"they are).")
     return chosen
 
 
@@ -97,6 +129,10 @@ class _Projector:
         if callable(sparsity):
             if pattern is not None:
                 raise ValueError("an N:M pattern fixes the sparsity; do not pass a schedule.")
+            start = _check_schedule_start(sparsity, "sparsity")
+            if not 0.0 <= start < 1.0:
+                raise ValueError(f"sparsity: the schedule gives {start} at step 0; it must "
+                                 f"return fractions in [0, 1).")
         else:
             _check_sparsity(sparsity)
         if pattern is not None:
@@ -128,39 +164,72 @@ class _Projector:
                                      f"{np.shape(leaf)[-2]} inputs, not a multiple of {m}.")
         return jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
 
-    def masks(self, scores, old_masks, count):
-        """New masks from ``scores`` (a pytree like params) at mask-update steps."""
-        if self.every == 1:
-            return self._fresh(scores, count)
-        # Between mask updates skip the selection entirely (a sort per step otherwise).
-        return jax.lax.cond(count % self.every == 0, lambda: self._fresh(scores, count),
-                            lambda: old_masks)
+    def masks(self, scores, old_masks, count, like=None):
+        """``(masks, bad)``: new masks from ``scores`` (a pytree like params) at mask-update
+        steps, else ``old_masks``. ``bad``: the schedule's sparsity is NaN or outside
+        ``[0, 1)`` at a mask-update step; the old masks are kept then (pruning everything
+        or nothing is never what a schedule meant). ``like``: the params, whose leaves
+        the filter sees (default: ``scores``)."""
+        chosen = _selected(scores if like is None else like, self.filter)
+        due = count % self.every == 0
+        if not callable(self.sparsity):
+            if self.every == 1:
+                return self._fresh(scores, None, chosen), jnp.array(False)
+            # Between mask updates skip the selection entirely (a sort per step otherwise).
+            return jax.lax.cond(due, lambda: self._fresh(scores, None, chosen),
+                                lambda: old_masks), jnp.array(False)
+        s = jnp.asarray(self.sparsity(count), jnp.float32)
+        bad = due & ~(jnp.isfinite(s) & (s >= 0) & (s < 1))
+        safe = jnp.where(bad, 0.0, s)
+        new = jax.lax.cond(due & ~bad, lambda: self._fresh(scores, safe, chosen),
+                           lambda: old_masks)
+        return new, bad
 
-    def _fresh(self, scores, count):
+    def _fresh(self, scores, s, chosen):
         names, leaves, treedef = _paths(scores)
-        chosen = _selected(scores, self.filter)
-        picked = [s.astype(jnp.float32) for s, c in zip(leaves, chosen, strict=True) if c]
+        picked = [x.astype(jnp.float32) for x, c in zip(leaves, chosen, strict=True) if c]
         if self.pattern is not None:
-            new = [nm_mask(s, *self.pattern, axis=-2) for s in picked]
+            new = [nm_mask(x, *self.pattern, axis=-2) for x in picked]
         elif self.per_leaf:
-            new = [self._topk(s.ravel(), count).reshape(s.shape) for s in picked]
+            new = [self._topk(x.ravel(), s).reshape(x.shape) for x in picked]
         else:
-            flat = self._topk(jnp.concatenate([s.ravel() for s in picked]), count)
+            flat = self._topk(jnp.concatenate([x.ravel() for x in picked]), s)
             new, start = [], 0
-            for s in picked:
-                new.append(flat[start : start + s.size].reshape(s.shape))
-                start += s.size
+            for x in picked:
+                new.append(flat[start : start + x.size].reshape(x.shape))
+                start += x.size
         it = iter(new)
         out = [next(it) if c else jnp.ones(jnp.shape(x), bool)
                for x, c in zip(leaves, chosen, strict=True)]
         return jax.tree.unflatten(treedef, out)
 
-    def _topk(self, scores, count):
+    def _topk(self, scores, s):
         size = scores.shape[0]
-        if callable(self.sparsity):
-            s = jnp.clip(jnp.asarray(self.sparsity(count), jnp.float32), 0.0, 1.0)
+        # NaN scores (a NaN step) would rank arbitrarily; such an update is skipped anyway.
+        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+        if s is not None:
             return _topk_mask_dynamic(scores, size - jnp.round(s * size).astype(jnp.int32))
         return _topk_mask_flat(scores, size - int(round(float(self.sparsity) * size)))
+
+
+def _all_finite(tree) -> jax.Array:
+    floats = [u for u in jax.tree.leaves(tree) if _is_float(u)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in floats])) if floats \
+        else jnp.array(True)
+
+
+def _finish(new_updates, updates, masks, state, bad, target):
+    """Guard an update: if any floating leaf of ``new_updates`` or of the unmasked
+    ``target`` is NaN/inf the update is skipped (zeros, the previous masks kept,
+    ``skipped`` counted). The target matters: a NaN weight would otherwise rank last,
+    be masked to zero and pass as a finite update. Returns ``(updates, masks, skipped,
+    bad_sparsity)``."""
+    finite = _all_finite(new_updates) & _all_finite(target)
+    out = jax.tree.map(lambda n, u: jnp.where(finite, n, jnp.zeros_like(n)).astype(u.dtype),
+                       new_updates, updates)
+    masks = jax.tree.map(lambda m, old: jnp.where(finite, m, old), masks, state.masks)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    return out, masks, skipped, state.bad_sparsity + bad.astype(jnp.int32)
 
 
 def _need_params(params, who):
@@ -195,21 +264,29 @@ def hard_threshold(
       pattern: ``"n:m"`` semi-structured sparsity instead of ``sparsity``'s count.
       update_every: recompute the mask every this many updates.
 
+    Failures are guarded, not returned: an update that would be NaN/inf is returned as
+    zeros (params and masks stay as they are) and counted in ``state.skipped``; a
+    schedule value that is NaN or outside ``[0, 1)`` keeps the previous masks and is
+    counted in ``state.bad_sparsity``. Integer leaves are never selected (their updates
+    pass through unchanged).
+
     Example:
       >>> tx = optax.chain(optax.sgd(0.1), hard_threshold(0.5))  # doctest: +SKIP
     """
     proj = _Projector(sparsity, per_leaf, filter, pattern, update_every)
 
     def init_fn(params):
-        return SparsityState(jnp.zeros((), jnp.int32), proj.init_masks(params))
+        zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers (donation)
+        return SparsityState(zeros[0], proj.init_masks(params), zeros[1], zeros[2])
 
     def update_fn(updates, state, params=None):
         _need_params(params, "hard_threshold")
         target = optax.apply_updates(params, updates)
-        masks = proj.masks(jax.tree.map(jnp.abs, target), state.masks, state.count)
+        masks, bad = proj.masks(jax.tree.map(jnp.abs, target), state.masks, state.count)
         new = jax.tree.map(lambda t, p, m, u: (jnp.where(m, t, 0) - p).astype(u.dtype),
                            target, params, masks, updates)
-        return new, SparsityState(optax.safe_increment(state.count), masks)
+        new, masks, skipped, bad = _finish(new, updates, masks, state, bad, target)
+        return new, SparsityState(optax.safe_increment(state.count), masks, skipped, bad)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -244,72 +321,164 @@ def iobs(
       ``jax.vmap(jax.grad(loss), (None, 0))(params, batch)``), inverted by Woodbury
       (``O(m^2 D)``); the saliency uses its exact inverse diagonal.
     - ``"cg"``: Hessian-vector products of ``loss_fn`` (``params -> scalar`` batch loss)
-      solved by damped CG; the mask is top-k of ``|theta~|`` (Topk-I-OBS; the inverse
+      solved by damped, truncated CG (Newton-CG: a direction of negative curvature, common
+      in networks, ends the solve; if it is the first, the step is a gradient step); the
+      mask is top-k of ``|theta~|`` (Topk-I-OBS; the inverse
       diagonal is not available matrix-free) and the correction a masked CG solve.
     - ``"diagonal"``: an EMA (``decay``) of squared gradients, Adam's second moment:
       no extra arguments; the correction is then the mask itself.
 
     Masks, sparsity schedules, ``per_leaf``, ``filter``, ``pattern`` and ``update_every``
-    are those of :func:`hard_threshold`. ``damping`` is absolute.
+    are those of :func:`hard_threshold`, and so is the guard: a step that is not finite
+    (one NaN per-example gradient, a curvature that is not positive definite, a learning
+    rate schedule returning NaN) is skipped, returned as zeros and counted in
+    ``state.skipped``, instead of turning every parameter into NaN. Integer leaves
+    (step counters, say) are left out of the curvature and their updates pass through
+    unchanged. ``damping`` is absolute.
     """
-    if curvature not in ("fisher", "cg", "diagonal"):
-        raise ValueError(f"curvature must be 'fisher', 'cg' or 'diagonal'; got {curvature!r}.")
-    if not (isinstance(damping, (int, float)) and damping > 0):
-        raise ValueError(f"damping must be a number > 0; got {damping!r}.")
+    _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter)
     proj = _Projector(sparsity, per_leaf, filter, pattern, update_every)
     lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    step = {"fisher": _second_order_target, "cg": _second_order_target,
+            "diagonal": _diagonal_target}[curvature]
+    options = dict(curvature=curvature, damping=damping, decay=decay, cg_tol=cg_tol,
+                   cg_maxiter=cg_maxiter)
 
     def init_fn(params):
         masks = proj.init_masks(params)
-        moment = jax.tree.map(jnp.zeros_like, params) if curvature == "diagonal" else None
-        return IOBSTransformState(jnp.zeros((), jnp.int32), masks, moment)
+        floats, _, _ = _float_leaves(params)
+        moment = [jnp.zeros_like(x) for x in floats] if curvature == "diagonal" else None
+        zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers (donation)
+        return IOBSTransformState(zeros[0], masks, moment, zeros[1], zeros[2])
 
     @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
     def update_fn(updates, state, params=None, *, per_example_grads=None, loss_fn=None,
                   **_extra):
         _need_params(params, "iobs")
-        eta = lr(state.count)
-        if curvature == "diagonal":
-            moment = jax.tree.map(lambda v, g: decay * v + (1 - decay) * g**2,
-                                  state.second_moment, updates)
-            t = state.count.astype(jnp.float32) + 1
-            inv = jax.tree.map(lambda v: 1.0 / (v / (1 - decay**t) + damping), moment)
-            step = jax.tree.map(lambda g, i: g * i, updates, inv)
-            target = jax.tree.map(lambda p, s: p - eta * s, params, step)
-            scores = jax.tree.map(lambda x, i: x**2 / i, target, inv)
-            masks = proj.masks(scores, state.masks, state.count)
-            new = jax.tree.map(lambda x, m: jnp.where(m, x, 0), target, masks)
-        else:
-            flat_p, unravel = ravel_pytree(params)
-            flat_g = ravel_pytree(updates)[0]
-            if curvature == "fisher":
-                if per_example_grads is None:
-                    raise ValueError("iobs(curvature='fisher') needs per_example_grads= "
-                                     "(jax.vmap(jax.grad(loss), (None, 0))(params, batch)).")
-                curv = _Woodbury(per_example_grads, flat_p, damping)
-            else:
-                if loss_fn is None:
-                    raise ValueError("iobs(curvature='cg') needs loss_fn= (params -> scalar "
-                                     "batch loss) for Hessian-vector products.")
-                curv = OperatorCurvature(
-                    lambda v: ravel_pytree(hvp(loss_fn, params, unravel(v)))[0],
-                    flat_p.size, flat_p.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
-                )
-            target = flat_p - eta * curv.solve(flat_g)
-            if curvature == "fisher":
-                scores = target**2 / curv.inverse_diag()
-            else:
-                scores = jnp.abs(target)
-            # Leaves outside the filter get all-True masks: kept, and compensated by OBS.
-            masks = proj.masks(unravel(scores), state.masks, state.count)
-            flat_m = ravel_pytree(
-                jax.tree.map(lambda m: m.astype(flat_p.dtype), masks))[0] > 0
-            new = unravel(project(curv, target, flat_m))
-            moment = None
-        out = jax.tree.map(lambda n, p, u: (n - p).astype(u.dtype), new, params, updates)
-        return out, IOBSTransformState(optax.safe_increment(state.count), masks, moment)
+        floats, where, rebuild = _float_leaves(params)
+        grads = [jax.tree.leaves(updates)[i] for i in where]
+        extra = dict(per_example_grads=per_example_grads, loss_fn=loss_fn, rebuild=rebuild,
+                     where=where)
+        target, scores, curv, moment = step(floats, grads, state, lr(state.count),
+                                            extra, **options)
+        full_scores = rebuild(jax.tree.leaves(scores), fill="ones")
+        masks, bad = proj.masks(full_scores, state.masks, state.count, like=params)
+        new = _apply_masks(target, masks, where, curv)
+        out = jax.tree.leaves(updates)
+        for i, n, p in zip(where, new, floats, strict=True):
+            out[i] = n - p
+        out = jax.tree.unflatten(jax.tree.structure(updates), out)
+        unmasked = target if curv is None else target[0]  # (flat, unravel) for Fisher/CG
+        out, masks, skipped, bad = _finish(out, updates, masks, state, bad, unmasked)
+        if moment is not None:  # a skipped step must not poison the moment either
+            ok = skipped == state.skipped
+            moment = [jnp.where(ok, m, old) for m, old in zip(moment, state.second_moment,
+                                                               strict=True)]
+        return out, IOBSTransformState(optax.safe_increment(state.count), masks, moment,
+                                       skipped, bad)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter) -> None:
+    """Everything about :func:`iobs` that can be checked before the first step."""
+    if curvature not in ("fisher", "cg", "diagonal"):
+        raise ValueError(f"curvature must be 'fisher', 'cg' or 'diagonal'; got {curvature!r}.")
+    rate = (_check_schedule_start(learning_rate, "learning_rate") if callable(learning_rate)
+            else learning_rate)
+    for name, value, test, want in (
+        ("learning_rate", rate, lambda v: v > 0, "> 0"),
+        ("damping", damping, lambda v: v > 0, "> 0"),
+        ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("cg_tol", cg_tol, lambda v: v >= 0, ">= 0"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                np.isfinite(value) and test(value)):
+            raise ValueError(f"{name} must be a finite number {want}; got {value!r}.")
+    if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or \
+            cg_maxiter < 1:
+        raise ValueError(f"cg_maxiter must be an int >= 1; got {cg_maxiter!r}.")
+
+
+def _float_leaves(tree):
+    """``(floating leaves, their positions, rebuild)``: ``rebuild(values, fill=None)`` is
+    ``tree`` with ``values`` at those positions and its other leaves (or float ones of
+    their shape when ``fill="ones"``: scores that are never selected)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if _is_float(x)]
+
+    def rebuild(values, fill=None):
+        out = list(leaves) if fill is None else [jnp.ones(jnp.shape(x)) for x in leaves]
+        for i, v in zip(where, values, strict=True):
+            out[i] = v
+        return jax.tree.unflatten(treedef, out)
+
+    return [leaves[i] for i in where], where, rebuild
+
+
+def _per_example_rows(per_example, where, num_floats):
+    """The per-example gradients of the floating leaves: a pytree like params (its
+    floating positions are taken) or one holding only the floating leaves."""
+    leaves = jax.tree.leaves(per_example)
+    if len(leaves) == num_floats:
+        return leaves
+    if len(leaves) > max(where, default=-1):
+        return [leaves[i] for i in where]
+    raise ValueError(f"per_example_grads must be a pytree like params with a leading example "
+                     f"axis; got {len(leaves)} leaves for {num_floats} floating parameters.")
+
+
+def _diagonal_target(floats, grads, state, eta, extra, *, damping, decay, **_):
+    """Adam's second moment as a diagonal curvature: ``theta~ = theta - eta g / C``,
+    scores ``theta~^2 C`` (OBS saliency with a diagonal inverse)."""
+    moment = [decay * v + (1 - decay) * g**2 for v, g in zip(state.second_moment, grads,
+                                                             strict=True)]
+    t = state.count.astype(jnp.float32) + 1
+    inv = [1.0 / (v / (1 - decay**t) + damping) for v in moment]
+    target = [p - eta * g * i for p, g, i in zip(floats, grads, inv, strict=True)]
+    scores = [saliency_rank(x, i) for x, i in zip(target, inv, strict=True)]
+    return target, scores, None, moment
+
+
+def _second_order_target(floats, grads, state, eta, extra, *, curvature, damping, cg_tol,
+                         cg_maxiter, **_):
+    """Fisher (Woodbury) or HVP (CG) curvature on the flat floating parameters:
+    ``theta~ = theta - eta C^{-1} g`` and its selection scores."""
+    flat_p, unravel = ravel_pytree(floats)
+    flat_g = ravel_pytree(grads)[0].astype(flat_p.dtype)
+    if curvature == "fisher":
+        if extra["per_example_grads"] is None:
+            raise ValueError("iobs(curvature='fisher') needs per_example_grads= "
+                             "(jax.vmap(jax.grad(loss), (None, 0))(params, batch)).")
+        rows = _per_example_rows(extra["per_example_grads"], extra["where"], len(floats))
+        curv = _Woodbury(rows, flat_p, damping)
+    else:
+        loss_fn = extra["loss_fn"]
+        if loss_fn is None:
+            raise ValueError("iobs(curvature='cg') needs loss_fn= (params -> scalar "
+                             "batch loss) for Hessian-vector products.")
+        rebuild = extra["rebuild"]
+        f = lambda fl: loss_fn(rebuild(fl))  # integer leaves keep their values
+        curv = OperatorCurvature(
+            lambda v: ravel_pytree(hvp(f, floats, unravel(v)))[0].astype(flat_p.dtype),
+            flat_p.size, flat_p.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
+            truncate=True,  # networks have indefinite Hessians: Newton-CG, documented
+        )
+    target = flat_p - eta * curv.solve(flat_g).astype(flat_p.dtype)
+    scores = saliency_rank(target, curv.inverse_diag()) if curvature == "fisher" \
+        else jnp.abs(target)
+    return (target, unravel), unravel(scores), curv, None
+
+
+def _apply_masks(target, masks, where, curv):
+    """The kept weights: ``target`` on the masks (diagonal curvature) or its OBS
+    projection onto them (Fisher, CG); leaves outside the filter have all-True masks."""
+    mask_leaves = [jax.tree.leaves(masks)[i] for i in where]
+    if curv is None:
+        return [jnp.where(m, x, 0) for x, m in zip(target, mask_leaves, strict=True)]
+    flat_t, unravel = target
+    flat_m = ravel_pytree([m.astype(flat_t.dtype) for m in mask_leaves])[0] > 0
+    return unravel(project(curv, flat_t, flat_m))
 
 
 class _Woodbury:

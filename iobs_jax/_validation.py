@@ -45,7 +45,11 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
 
 def check_float_array(x: Any, name: str) -> jax.Array:
     """Convert to an inexact JAX array; integers are promoted, other dtypes are an error."""
-    x = jnp.asarray(x)
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError) as err:  # strings, objects, ragged lists
+        raise TypeError(f"{name} must be an array of real numbers; got "
+                        f"{type(x).__name__} ({err}).") from None
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         raise TypeError(f"{name} must be real; got dtype {x.dtype}.")
     if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -62,13 +66,13 @@ def check_finite(x: jax.Array, name: str, *, allow_inf: bool = False) -> jax.Arr
     Inside ``jit``/``vmap`` the value is a tracer and cannot be inspected; there the
     solvers report non-finite values through ``state.status`` instead.
     """
-    if not _all_finite_now(x, allow_inf):
+    if not is_finite_now(x, allow_inf):
         what = "NaN" if allow_inf else "NaN or inf"
         raise ValueError(f"{name} contains {what} values; clean the input before calling.")
     return x
 
 
-def _all_finite_now(x: Any, allow_inf: bool = False) -> bool:
+def is_finite_now(x: Any, allow_inf: bool = False) -> bool:
     """False only when ``x`` holds a value now and it has NaN (or inf) entries.
 
     Reduced on the device and only one boolean comes back; ``ensure_compile_time_eval``
@@ -86,7 +90,7 @@ def _all_finite_now(x: Any, allow_inf: bool = False) -> bool:
 def check_finite_result(x: Any, what: str, fix: str) -> Any:
     """Eager calls must not hand back NaN: raise, saying what to fix, when a result whose
     value is known now (not traced) has NaN/inf entries; returns ``x`` unchanged."""
-    if not all(_all_finite_now(leaf) for leaf in jax.tree.leaves(x)):
+    if not all(is_finite_now(leaf) for leaf in jax.tree.leaves(x)):
         raise ValueError(f"{what} is not finite: {fix}")
     return x
 
@@ -155,7 +159,34 @@ def check_tol(value: Any, name: str) -> float:
     return tol
 
 
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """A static axis index valid for rank ``ndim`` (negative counts from the end)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int axis index; got {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}.")
+    return int(axis)
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """A JAX PRNG key: a typed key (``jax.random.key(0)``) or a legacy ``uint32[2]`` one
+    (``jax.random.PRNGKey(0)``); anything else is a TypeError saying how to make one.
+
+    Batched keys are refused too: a function that takes one key draws one instance.
+    """
+    arr = key if isinstance(key, jax.Array | np.ndarray) else None
+    if arr is not None and jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        if arr.ndim == 0:
+            return key
+    elif arr is not None and arr.dtype == np.uint32 and arr.shape == (2,):
+        return key
+    raise TypeError(
+        f"{name} must be one JAX PRNG key such as jax.random.key(0); got "
+        f"{type(key).__name__}{' of shape ' + str(jnp.shape(key)) if arr is not None else ''}"
+        f"{' ' + repr(key) if isinstance(key, int | float) else ''}.")

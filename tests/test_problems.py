@@ -1,8 +1,6 @@
 """Problem generators: determinism, vmap == loop, the statistics they promise, errors."""
 
 import functools
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -125,16 +123,10 @@ def test_measure_signal_and_mnist_signals():
                                jnp.einsum("bnd,bd->bn", prob.design, signals), rtol=1e-12)
 
 
-MNIST_DIR = Path(os.environ.get("IOBS_JAX_TEST_MNIST",
-                                Path(__file__).resolve().parents[2] / "shared/data/mnist"))
-
-
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="real MNIST files not available (../shared/data/mnist)")
 def test_mnist_prior_from_the_real_test_set():
     from iobs_jax.mnist import load_mnist
 
-    signals = pb.mnist_signals(load_mnist(MNIST_DIR, verbose=False).images, 20)
+    signals = pb.mnist_signals(load_mnist(verbose=False).images, 20)  # the packaged set
     nnz = np.asarray((signals != 0).sum(1))
     assert signals.shape == (20, 784) and 50 < nnz.mean() < 250 and float(signals.max()) == 255
 
