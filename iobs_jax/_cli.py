@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import _cli_common as common
-from . import _cli_sweep, _cli_transformer
+from . import _cli_lm, _cli_sweep, _cli_transformer
 
 _METHODS = ("magnitude", "wanda", "sparsegpt", "obc", "iobs")
 
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     # parser and sets func=... (one line per module here).
     _cli_sweep.register(sub)
     _cli_transformer.register(sub)
+    _cli_lm.register(sub)
     return parser
 
 
