@@ -1,0 +1,85 @@
+"""``iobs-jax train-lm`` / ``prune-lm`` on a tiny decoder: the report, its keys, the
+cache, the best-iterate selection and the one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from iobs_jax import _cli, _cli_lm, models
+
+KEYS = {"method", "pattern", "sparsity", "iterations", "perplexity", "dense_perplexity",
+        "seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    cfg = models.DecoderConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                               intermediate_size=32, max_seq_len=32)
+    data = np.frombuffer(b"def add(a, b):\n    return a + b\n\n" * 100, np.uint8)
+    model, _ = models.train_decoder(cfg, models.TrainConfig(steps=20, batch_size=8,
+                                                            learning_rate=1e-2, warmup=2),
+                                    data, progress=False)
+    return models.save_decoder(model, tmp_path_factory.mktemp("lm") / "model")
+
+
+def test_prune_lm_writes_the_report_with_its_keys(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _cli.main(["prune-lm", "--model", str(tiny_model), "--out", str(out),
+                      "--methods", "magnitude,iobs", "--patterns", "0.5,2:4",
+                      "--max-iterations", "2", "--calib", "16", "--val", "8", "--test", "8",
+                      "--batch", "8", "--quiet", "--no-cache"])
+    assert code == 0
+    records = json.loads((out / "report.json").read_text())
+    assert all(KEYS <= set(r) for r in records)
+    runs = [(r["method"], r["pattern"], r["iterations"]) for r in records]
+    assert runs == [("magnitude", "0.5", 1), ("iobs", "0.5", 1), ("iobs", "0.5", 2),
+                    ("magnitude", "2:4", 1), ("iobs", "2:4", 1), ("iobs", "2:4", 2),
+                    ("iobs-best", "0.5", records[-2]["iterations"]),
+                    ("iobs-best", "2:4", records[-1]["iterations"])]
+    for r in records:
+        assert r["sparsity"] == pytest.approx(0.5)
+        assert r["perplexity"] > 1 and r["dense_perplexity"] > 1
+    # the best iterate is the one with the lowest validation perplexity
+    for best in records[-2:]:
+        runs = [r for r in records[:-2] if r["method"] == "iobs"
+                and r["pattern"] == best["pattern"]]
+        assert best["val_perplexity"] == min(r["val_perplexity"] for r in runs)
+    assert (out / "prune_lm_sparsity.png").is_file()
+    assert (out / "prune_lm_iterations.png").is_file()
+    assert "dense perplexity" in (out / "table.txt").read_text()
+
+
+def test_train_lm_caches_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IOBS_JAX_CACHE_DIR", str(tmp_path / "cache" / "jax"))
+    sizes = _cli_lm.LMSizes(
+        models.DecoderConfig(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=16, max_seq_len=16),
+        models.TrainConfig(steps=3, batch_size=2, warmup=1))
+    monkeypatch.setattr(_cli_lm, "default_sizes", lambda quick=False: sizes)
+    assert _cli.main(["train-lm", "--out", str(tmp_path / "a"), "--quiet", "--no-cache"]) == 0
+    folder = _cli_lm.lm_cache(sizes)
+    assert (folder / "model.safetensors").is_file() and not folder.with_suffix(".tmp").exists()
+    info = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert {"test_bits_per_byte", "validation_bits_per_byte", "seconds", "history"} <= set(info)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert _cli.main(["train-lm", "--out", str(tmp_path / "b"), "--no-cache"]) == 0
+    assert "using the trained model cached" in capsys.readouterr().out
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    model = models.load_decoder(tmp_path / "b")
+    assert isinstance(model, models.Decoder) and isinstance(model.layers, nnx.List)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "obc"], "--methods: unknown method 'obc'"),
+    (["--patterns", "1.5"], "--patterns: '1.5' is neither"),
+    (["--patterns", "4:2"], "--patterns"),
+    (["--max-iterations", "0"], "--max-iterations must be >= 1"),
+    (["--step-size", "0"], "--step-size must be > 0"),
+    (["--model", "/nonexistent"], "--model: '/nonexistent' is not a saved decoder"),
+])
+def test_prune_lm_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    code = _cli.main(["prune-lm", "--out", str(tmp_path), "--no-cache", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
