@@ -41,13 +41,13 @@ class LinearMap(NamedTuple):
     sample_shape: tuple  # shape of X's sample axes (the rows of each X matrix, in order)
     yform: tuple  # static recipe: output value -> (B, N, R)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.pos.shape[1]), int(self.pos.shape[2])
+    shape = property(lambda self: matrix_shape(self.pos))
+    problems = property(lambda self: int(self.pos.shape[0]))
 
-    @property
-    def problems(self) -> int:
-        return int(self.pos.shape[0])
+
+def matrix_shape(pos: np.ndarray) -> tuple[int, int]:
+    """``(rows, cols)`` = ``(outputs, inputs)`` of each problem of a map laid out as ``pos``."""
+    return int(pos.shape[1]), int(pos.shape[2])
 
 
 class Analysis(NamedTuple):

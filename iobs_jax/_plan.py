@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ._maps import Analysis, LinearMap
+from ._maps import Analysis, LinearMap, matrix_shape
 from ._program import Program
 
 SHARED = ("skip", "joint")
@@ -31,13 +31,8 @@ class Target(NamedTuple):
     kind: str
     note: str = ""
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.pos.shape[1]), int(self.pos.shape[2])
-
-    @property
-    def problems(self) -> int:
-        return int(self.pos.shape[0])
+    shape = property(lambda self: matrix_shape(self.pos))
+    problems = property(lambda self: int(self.pos.shape[0]))
 
 
 class PlanEntry(NamedTuple):

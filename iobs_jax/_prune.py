@@ -276,8 +276,7 @@ def prune_plan(model: Any, params: Any = None, batch: Any = None, *,
     batches = list(spec.batches) if batch is not None else [spec.batches]  # NNX: (module, batch)
     shared = check_choice(shared, "shared", _plan.SHARED)
     runs = ps.trace_runs(spec.fn, spec.params, batches, spec.diagnose)
-    plan, _ = _make_plan(runs[0], spec.params, filter, shared, require=False)
-    return plan
+    return _make_plan(runs[0], spec.params, filter, shared, require=False)[0]
 
 
 # ------------------------------------------------------------------ the job
@@ -294,7 +293,7 @@ def _make_plan(run: ps.Run, params: Any, filt: Any, shared: str, require: bool =
     groups, group_of = _plan.make_groups(run.analysis, targets, chosen)
     entries = _plan.plan_entries(run.prog, paths, targets, chosen, why, group_of)
     selected = [t for t, c in zip(targets, chosen, strict=True) if c]
-    return _plan.Plan(entries, selected, groups), chosen
+    return _plan.Plan(entries, selected, groups), targets, chosen
 
 
 class _RunState(NamedTuple):
@@ -316,11 +315,9 @@ class _Job:
         self.dense_leaves = list(self.leaves)
         self.mask_leaves = [None] * len(self.leaves)
         self.runs = ps.trace_runs(spec.fn, spec.params, batches, spec.diagnose)
-        self.plan, chosen = _make_plan(self.runs[0], spec.params, filt, shared)
-        all_targets = _plan.find_targets(self.runs[0].analysis,
-                                         _plan.leaf_paths(spec.params), shared)[0]
+        self.plan, targets, chosen = _make_plan(self.runs[0], spec.params, filt, shared)
         shapes = None if masks is None else [m.shape for m in masks]
-        ps.set_groups(self.runs, all_targets, chosen, shapes)
+        ps.set_groups(self.runs, targets, chosen, shapes)
         self.targets = self.plan.targets
         self._validate()
         n_cal = len(batches) - opts.holdout
@@ -738,7 +735,6 @@ def parse_pattern(pattern) -> tuple[int, int]:
     return n, m
 
 
-_parse_pattern = parse_pattern  # the name other modules imported
 
 
 def _sample_masks(sample_mask, batches):
