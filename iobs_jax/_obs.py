@@ -24,7 +24,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._curvature import Curvature, DenseCurvature, OperatorCurvature, compute_dtype
-from ._masks import _topk_mask_flat, flatten
+from ._masks import _topk_mask_any, flatten
 from ._validation import (
     check_finite,
     check_finite_result,
@@ -255,10 +255,15 @@ def greedy_obs(
     return _check_solution(out, "greedy OBS"), mask
 
 
-def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: int, safeguard: bool = True):
-    """:func:`greedy_obs` without the boundary checks (for traced code in the library)."""
+def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: Any, safeguard: bool = True):
+    """:func:`greedy_obs` without the boundary checks (for traced code in the library).
+
+    ``k`` may be a traced integer (a sweep's sparsity): the removal loop then runs a traced
+    number of rounds and the safeguard solves the masked ``(d, d)`` system.
+    """
     work = compute_dtype(theta.dtype)
-    out, mask = _greedy_obs(theta.astype(work), g.astype(work), k, safeguard)
+    run = _greedy_obs if isinstance(k, int | np.integer) else _greedy_obs_traced
+    out, mask = run(theta.astype(work), g.astype(work), k, safeguard)
     return out.astype(theta.dtype), mask
 
 
@@ -267,6 +272,24 @@ def _greedy_obs(theta, g, k, safeguard):
     # Compiled once per (shape, k): eager callers would otherwise retrace the loop.
     d = theta.shape[0]
     g = 0.5 * (g + g.T)
+    out, mask, cost = _greedy_path(theta, g, d - k)
+    if not safeguard or k in (0, d):
+        return out, mask
+    return _safeguarded(theta, g, k, k, out, mask, cost)
+
+
+@functools.partial(jax.jit, static_argnames=("safeguard",))
+def _greedy_obs_traced(theta, g, k, safeguard):
+    g = 0.5 * (g + g.T)
+    out, mask, cost = _greedy_path(theta, g, theta.shape[0] - k)
+    if not safeguard:
+        return out, mask
+    return _safeguarded(theta, g, k, None, out, mask, cost)
+
+
+def _greedy_path(theta, g, removals):
+    """``removals`` rounds of greedy OBS; returns the weights, the kept mask and the cost."""
+    d = theta.shape[0]
     # Round-off can push a Schur complement's diagonal to <= 0; clamp it to a tiny
     # positive value so saliencies stay finite and ordered instead of turning NaN.
     floor = jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(g)))
@@ -284,12 +307,14 @@ def _greedy_obs(theta, g, k, safeguard):
         return theta, gk, removed, cost + sal[p]
 
     init = (theta, g, jnp.zeros((d,), bool), jnp.zeros((), theta.dtype))
-    out, _, removed, cost = jax.lax.fori_loop(0, d - k, body, init)
-    mask = ~removed
-    if not safeguard or k in (0, d):
-        return out, mask
-    candidate = _topk_mask_flat(jnp.abs(theta), k)
-    alt, alt_cost = _project_from_inverse(g, theta, candidate, k)
+    out, _, removed, cost = jax.lax.fori_loop(0, removals, body, init)
+    return out, ~removed, cost
+
+
+def _safeguarded(theta, g, k, size, out, mask, cost):
+    """The cheaper of the greedy path and top-k of ``|theta|`` with its OBS correction."""
+    candidate = _topk_mask_any(jnp.abs(theta), k)
+    alt, alt_cost = _project_from_inverse(g, theta, candidate, size)
     # Keep the greedy path on ties: the two costs are computed differently, and a
     # round-off difference must not swap in another (equally good) answer.
     better = alt_cost < cost * (1 - 64 * jnp.finfo(cost.dtype).eps)
