@@ -217,9 +217,11 @@ def test_schedule_is_normalized_and_deduplicated():
     assert ij.OBSPursuit(8, candidates=9).step == ("newton",)
     assert ij.OBSPursuit(4, refit=False).candidates == (4,)
     # capped at n: (12, 10) on n = 9 is the same attempt twice, run once
-    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, "newton"), (9, "gradient")]
+    # (count, capacity, step): static counts are their own capacity
+    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, 9, "newton"),
+                                                              (9, 9, "gradient")]
     assert ij.OBSPursuit(8, candidates=(12, 10), step="newton")._attempts(
-        jnp.zeros((9, 30))) == [(9, "newton")]
+        jnp.zeros((9, 30))) == [(9, 9, "newton")]
     st = ij.OBSPursuit(4, candidates=6, step="gradient").init_state(
         jnp.zeros(30), jnp.ones((10, 30)), jnp.ones(10))
     assert st.factor.shape == (0, 0)  # no factorization when no attempt needs it first
