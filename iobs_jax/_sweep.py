@@ -29,10 +29,12 @@ prior). Plots live in :mod:`iobs_jax._plots`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -254,16 +256,26 @@ def _grid_trial(spec: _GridSpec, key, t, rows, k, noise, signals=None) -> dict:
     return _trial_metrics(spec.problem, solver, k, prob, extra)
 
 
-def _grid_program(spec: _GridSpec, args: tuple) -> tuple[Any, float]:
-    """The compiled program of ``spec`` and its compile time (0 when reused)."""
-    if spec in _PROGRAMS:
-        return _PROGRAMS[spec], 0.0
-    fn = functools.partial(_grid_trial, spec)
-    run, _, _ = _batched(fn, spec.chunk, spec.devices, shared=len(args) - 2)
-    t0 = time.perf_counter()
-    compiled = run.lower(*args).compile()
-    _PROGRAMS[spec] = compiled
-    return compiled, time.perf_counter() - t0
+def _compile_programs(specs: dict, args: tuple) -> dict:
+    """Compile the grid programs of ``specs`` (``spec -> its shared arguments``) that this
+    process has not compiled yet; returns ``spec -> compile seconds`` for those.
+
+    Tracing runs one program at a time; XLA compiles them in parallel threads (it
+    releases the GIL), one per CPU, since a cold sweep's time is mostly compilation.
+    """
+    todo = {spec: _batched(functools.partial(_grid_trial, spec), spec.chunk, spec.devices,
+                           shared=len(extra))[0].lower(*args, *extra)
+            for spec, extra in specs.items() if spec not in _PROGRAMS}
+
+    def timed(lowered):
+        t0 = time.perf_counter()
+        return lowered.compile(), time.perf_counter() - t0
+
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        done = dict(zip(todo, pool.map(timed, todo.values()), strict=True))
+    _PROGRAMS.update({spec: compiled for spec, (compiled, _) in done.items()})
+    return {spec: seconds for spec, (_, seconds) in done.items()}
 
 
 def _n_buckets(name: str, ns: Sequence[int], d: int) -> dict[int, int]:
@@ -396,18 +408,27 @@ def sweep(
     rows, per_trial = [], {}
     cells = [(nn, kk, ii) for nn in ns for kk in ks for ii in range(len(noises))]
     total, done = len(cells) * len(factories), 0
+    place = lambda *values: tuple(jax.device_put(v, shared) for v in values)
+    specs = {(name, nn): _GridSpec(name, problem, design, float(rho), prior, d,
+                                   buckets[name][nn], max(ks), dt.name, maxiter, padded, chunk,
+                                   tuple(devices))
+             for name in factories for nn in ns}
+    extra = () if signals is None else place(signals)
+    if grid:  # compiled from shapes only: any cell's arguments stand for all
+        example = tuple(jax.device_put(v, split) for v in _trial_keys(key, padded))
+        compile_times = _compile_programs(
+            {spec: place(np.int32(ns[0]), np.int32(ks[0]), np.asarray(noises[0], dt)) + extra
+             for spec in specs.values()}, example)
     for nn, kk, ii in cells:
         cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, nn), kk), ii)
         keys, idx = _trial_keys(cell_key, padded)
         args = (jax.device_put(keys, split), jax.device_put(idx, split))
         for name, factory in factories.items():
             if grid:
-                spec = _GridSpec(name, problem, design, float(rho), prior, d, buckets[name][nn],
-                                 max(ks), dt.name, maxiter, padded, chunk, tuple(devices))
-                cell = (np.int32(nn), np.int32(kk), np.asarray(noises[ii], dt))
-                cell += () if signals is None else (signals,)
-                cell_args = args + tuple(jax.device_put(v, shared) for v in cell)
-                compiled, compile_s = _grid_program(spec, cell_args)
+                spec = specs[name, nn]
+                compiled, compile_s = _PROGRAMS[spec], compile_times.pop(spec, 0.0)
+                cell_args = args + place(np.int32(nn), np.int32(kk),
+                                         np.asarray(noises[ii], dt)) + extra
             else:
                 compiled, compile_s = _cell_program(
                     name, factory, problem, nn, d, kk, noises[ii], design, rho, prior, dtype,
