@@ -348,6 +348,8 @@ class OBSPursuit:
     def run(self, x0: jax.Array, design: jax.Array, observations: jax.Array,
             rows: Any = None):
         """Iterate from ``x0`` (restarting as scheduled) until the support is stable."""
+        if rows is not None and is_checkable(rows):  # inside jit it is a tracer
+            check_int(rows, "rows", low=1, high=jnp.shape(design)[0])
         if self.jit:
             return _run_compiled(self, x0, design, observations, rows)
         return _run(self, x0, design, observations, rows)

@@ -240,19 +240,33 @@ def _given_gram(x, design, observations, rows, gram):
     return gram
 
 
+def _solver_for(name: str, k: Any, problem: str, design: jax.Array, rows: Any = None,
+                maxiter: int | None = None, max_k: int | None = None) -> tuple[Any, tuple]:
+    """The named solver for one ``(n, d)`` instance and the extra arguments of its
+    ``run(x0, A, y, *extra)`` (``rows``: ``A`` padded with zero rows, may be traced).
+
+    For least squares the Gram Hessian ``2 A^T A / n`` is computed here, once, and passed
+    to the solver: :func:`make_solver`'s solvers compute the same matrix at every step
+    (XLA does not hoist a loop-invariant product that is larger than its operands).
+    """
+    n = design.shape[0] if rows is None else rows
+    loss, hessian, extra = _LOSSES[problem], "exact", () if rows is None else (rows,)
+    if problem == "linear" and name != "obs-pursuit":
+        gram = mse_hessian(None, design, None, rows)
+        loss, hessian, extra = _mse_given_gram, _given_gram, (rows, gram)
+    solver = _named_solver(name, k, problem, loss, hessian,
+                           _iobs_damping(problem, n, design.shape[1]), maxiter, max_k)
+    return solver, extra
+
+
 def _grid_trial(spec: _GridSpec, key, t, rows, k, noise, signals=None) -> dict:
     """One trial of a grid cell: the instance padded to ``spec.n_pad`` rows, solved with
-    the traced ``k`` and ``rows``. For least squares the Gram Hessian is computed once and
-    passed to the solver (the per-cell program recomputes the same matrix every step)."""
+    the traced ``k`` and ``rows``."""
     gen = _generator(spec.problem, spec.n_pad, spec.d, k, noise, spec.design, spec.rho,
                      spec.prior, jnp.dtype(spec.dtype), signals, rows)
     prob = gen(key, t)
-    loss, hessian, extra = _LOSSES[spec.problem], "exact", (rows,)
-    if spec.problem == "linear" and spec.name != "obs-pursuit":
-        gram = mse_hessian(None, prob.design, None, rows)
-        loss, hessian, extra = _mse_given_gram, _given_gram, (rows, gram)
-    solver = _named_solver(spec.name, k, spec.problem, loss, hessian,
-                           _iobs_damping(spec.problem, rows, spec.d), spec.maxiter, spec.max_k)
+    solver, extra = _solver_for(spec.name, k, spec.problem, prob.design, rows, spec.maxiter,
+                                spec.max_k)
     return _trial_metrics(spec.problem, solver, k, prob, extra)
 
 
