@@ -180,8 +180,9 @@ class OBSPursuit:
       tol, jit: as in :class:`IOBS`.
       max_k: a static bound that lets ``k`` be a traced integer ``<= max_k`` (a pytree
         leaf: a jitted function that takes the solver compiles once for every ``k``, as
-        sweeps need). The candidate sets are then padded to the counts of ``max_k``; only
-        the default schedule (``candidates`` and ``step`` left ``None``) is available.
+        sweeps need). The candidate sets are then padded to the counts of ``max_k``, and
+        ``candidates`` are functions of ``k`` (``candidates=lambda k: k``; default: the
+        default schedule's counts).
 
     ``run(x0, A, y)`` with ``A`` ``(n, d)``, ``y`` ``(n,)`` and ``x0`` ``(d,)`` is jit- and
     vmap-able: ``jax.vmap(solver.run, in_axes=(None, 0, 0))(x0, As, ys)``. An optional
@@ -219,9 +220,7 @@ class OBSPursuit:
             raise TypeError(f"refit must be True or False; got {self.refit!r}.")
         cands, steps = self.candidates, self.step
         if self.max_k is not None:
-            if cands is not None or steps is not None:
-                raise ValueError("OBSPursuit(max_k=...) runs the default schedule (its candidate "
-                                 "counts follow the traced k): leave candidates and step None.")
+            self._normalize_traced(cands, steps)
             self._check_scalars()
             return
         if cands is None and steps is None:
@@ -246,6 +245,30 @@ class OBSPursuit:
         object.__setattr__(self, "step", steps)
         self._check_scalars()
 
+    def _normalize_traced(self, cands, steps):
+        """With ``max_k``: candidate counts are functions of the (traced) ``k``."""
+        if cands is None and steps is None:
+            return  # the default schedule, evaluated for the traced k
+        if cands is None:
+            cands = _more_by_half if self.refit else _same_count
+        cands, steps = _as_tuple(cands, "candidates"), _as_tuple(steps or "newton", "step")
+        if not all(callable(c) for c in cands):
+            raise ValueError("OBSPursuit(max_k=...) takes candidate counts as functions of k "
+                             "(e.g. candidates=lambda k: k), since k may be traced.")
+        if len(cands) != len(steps) and 1 not in (len(cands), len(steps)):
+            raise ValueError(f"candidates and step give {len(cands)} and {len(steps)} "
+                             "attempts; give one value or one per attempt for each.")
+        size = max(len(cands), len(steps))
+        cands, steps = cands * (size // len(cands)), steps * (size // len(steps))
+        for c, s in zip(cands, steps, strict=True):
+            check_int(c(self.max_k), "candidates(max_k)", low=self.max_k)
+            check_choice(s, "step", STEPS)
+        if not self.refit and any(c(self.max_k) != self.max_k for c in cands):
+            raise ValueError("OBSPursuit(refit=False) keeps x~ on a top-k support; it needs "
+                             "candidates=k (candidate pruning is a least-squares fit).")
+        object.__setattr__(self, "candidates", cands)
+        object.__setattr__(self, "step", steps)
+
     def _check_scalars(self):
         for name in ("damping", "restart_tol"):
             if is_checkable(getattr(self, name)):
@@ -257,10 +280,12 @@ class OBSPursuit:
         """Candidate counts (for sparsity ``k``) and steps of the attempts."""
         if self.max_k is None:
             return self.candidates, self.step
-        return _default_schedule(k, self.refit)
+        if self.candidates is None:
+            return _default_schedule(k, self.refit)
+        return tuple(c(k) for c in self.candidates), self.step
 
-    def _attempts(self, design: jax.Array, rows: Any = None) -> list[tuple[Any, int, str]]:
-        """``(count, capacity, step)`` per attempt, repeated attempts dropped.
+    def _attempts(self, design: jax.Array, rows: Any = None) -> list[tuple]:
+        """``(count, capacity, step, count > k)`` per attempt, repeated attempts dropped.
 
         ``count`` is the candidate count capped at ``min(rows, d)`` (traced when ``k`` or
         ``rows`` is), ``capacity`` its static bound (the count of ``max_k`` capped at the
@@ -271,8 +296,12 @@ class OBSPursuit:
         bounds, _ = self._schedule(sparsity_bound(self))
         out = []
         for c, b, s in zip(counts, bounds, steps, strict=True):
-            attempt = (_at_most(c, _rows(design, rows), d), min(b, n, d), s)
-            static = isinstance(attempt[0], int)  # traced counts (distinct steps) are kept
+            count = _at_most(c, _rows(design, rows), d)
+            # More candidates than k (then greedy OBS prunes): known statically when the
+            # count is static or is k itself (candidates=lambda k: k with a traced k).
+            more = False if c is self.k else _greater(count, self.k)
+            attempt = (count, min(b, n, d), s, more)
+            static = isinstance(count, int)  # traced counts (distinct steps) are kept
             if not static or attempt not in out:
                 out.append(attempt)
         return out
@@ -355,9 +384,8 @@ class OBSPursuit:
         return _run(self, x0, design, observations, rows)
 
     def _step(self, attempt, x, state, design, observations, rows=None):
-        c, capacity, how = attempt
+        c, capacity, how, more = attempt  # more: a Python bool unless c or k is traced
         n, d = _rows(design, rows), design.shape[1]
-        more = _greater(c, self.k)  # a Python bool unless c or k is traced
         if how == "gradient":  # A^T r = -(n / 2) grad f: no pass over A
             # With c > k only the ranking of |x~| off the support matters (the fit does
             # not use x~), and it does not depend on the step's scale: skip a pass over A.
@@ -378,9 +406,9 @@ class OBSPursuit:
         mask = _topk_mask_any(score, c)
         if not self.refit:
             return jnp.where(mask, x_tilde, 0.0), mask
-        return self._fit_candidates(mask, c, capacity, x.dtype, design, observations)
+        return self._fit_candidates(mask, c, capacity, more, x.dtype, design, observations)
 
-    def _fit_candidates(self, mask, c, capacity, dtype, design, observations):
+    def _fit_candidates(self, mask, c, capacity, more, dtype, design, observations):
         """Least squares on the candidates ``C = mask``, then greedy OBS down to ``k``.
 
         The fit ``z = (A_C^T A_C)^{-1} A_C^T y`` and ``G = (A_C^T A_C)^{-1}`` (``H_CC`` up to
@@ -393,7 +421,7 @@ class OBSPursuit:
         sub = jnp.where(valid, design[:, idx], 0.0)
         chol = support_cholesky(sub.T @ sub, valid, c)
         z = cho_solve((chol, True), sub.T @ observations).astype(dtype)
-        if _greater(c, self.k) is False:  # c == k: nothing to prune
+        if more is False:  # c == k: nothing to prune
             keep = valid
         else:
             g = cho_solve((chol, True), jnp.eye(capacity, dtype=chol.dtype))
@@ -401,6 +429,15 @@ class OBSPursuit:
         keep = keep & valid
         mask = jnp.zeros((d,), bool).at[idx].max(keep)
         return jnp.zeros((d,), dtype).at[idx].add(jnp.where(keep, z, 0.0)), mask
+
+
+def _same_count(k: Any) -> Any:
+    """``candidates=k`` for a traced ``k``: Topk-I-OBS with refit (or HTP, gradient step)."""
+    return k
+
+
+def _more_by_half(k: Any) -> Any:
+    return k + k // 2
 
 
 def _as_tuple(value, name):

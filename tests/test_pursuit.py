@@ -217,11 +217,11 @@ def test_schedule_is_normalized_and_deduplicated():
     assert ij.OBSPursuit(8, candidates=9).step == ("newton",)
     assert ij.OBSPursuit(4, refit=False).candidates == (4,)
     # capped at n: (12, 10) on n = 9 is the same attempt twice, run once
-    # (count, capacity, step): static counts are their own capacity
-    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, 9, "newton"),
-                                                              (9, 9, "gradient")]
+    # (count, capacity, step, count > k): static counts are their own capacity
+    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, 9, "newton", True),
+                                                              (9, 9, "gradient", True)]
     assert ij.OBSPursuit(8, candidates=(12, 10), step="newton")._attempts(
-        jnp.zeros((9, 30))) == [(9, 9, "newton")]
+        jnp.zeros((9, 30))) == [(9, 9, "newton", True)]
     st = ij.OBSPursuit(4, candidates=6, step="gradient").init_state(
         jnp.zeros(30), jnp.ones((10, 30)), jnp.ones(10))
     assert st.factor.shape == (0, 0)  # no factorization when no attempt needs it first
@@ -253,8 +253,12 @@ def test_traced_k_on_padded_rows_equals_the_static_solver():
 def test_traced_k_options_are_checked():
     with pytest.raises(ValueError, match="max_k"):
         ij.OBSPursuit(9, max_k=8)
-    with pytest.raises(ValueError, match="default schedule"):
+    with pytest.raises(ValueError, match="functions of k"):
         ij.OBSPursuit(4, max_k=8, candidates=6)
+    with pytest.raises(ValueError, match="candidates\\(max_k\\)"):
+        ij.OBSPursuit(4, max_k=8, candidates=lambda k: k - 1)
+    traced = ij.OBSPursuit(4, max_k=8, candidates=lambda k: k, step="gradient")
+    assert traced._attempts(jnp.zeros((10, 30)))[0][1:] == (8, "gradient", False)
     with pytest.raises(TypeError, match="integer scalar"):
         ij.OBSPursuit(4.0, max_k=8)
     with pytest.raises(ValueError, match="rows must be"):
