@@ -367,7 +367,7 @@ def sweep(
     signals: Any = None,
     success_tol: float = 1e-3,
     dtype: Any = None,
-    chunk_size: int = 16,
+    chunk_size: int = 4,
     devices: Sequence | None = None,
     maxiter: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
@@ -389,7 +389,9 @@ def sweep(
         ``signals`` (``(N, d)``, e.g. :func:`problems.mnist_signals`), trial ``t`` uses row
         ``t mod N``.
       success_tol: a trial succeeds when ``||x - x*|| / ||x*|| < success_tol``.
-      chunk_size: instances vmapped together inside each device's ``lax.map``.
+      chunk_size: instances vmapped together inside each device's ``lax.map`` (4: a
+        vmapped while loop runs until its slowest instance stops, so small chunks waste
+        less; on the d = 256 grid 4 was 1.1-1.8x faster than 16).
       devices: devices to shard the trials over (default: all of ``jax.devices()``).
       maxiter: override the named solvers' iteration caps.
       progress: called as ``progress(done, total, label)`` after each solver and cell.
