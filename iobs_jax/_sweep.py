@@ -19,8 +19,9 @@ primal/dual choice follows the padded shape, so its cells split into shape bucke
 its ``k`` values are grouped so that each program's ``max_k`` is at most twice its
 smallest ``k`` (one group for ``k`` in 4..8 or 24..48): the number of programs depends on
 the range of ``n`` and ``k``, not on the number of cells. The programs are kept for the
-process: calling :func:`sweep` again with the same settings compiles nothing. Results equal the per-cell programs'
-(the tests compare them cell by cell) up to float64 round-off.
+process: calling :func:`sweep` again with the same settings compiles nothing. Results
+equal the per-cell programs' (the tests compare them cell by cell) up to float64
+round-off.
 
 The result is a tidy table (one row per solver and cell) with the success rate
 (relative error ``||x - x*|| / ||x*|| < success_tol``), median relative error, support
