@@ -9,9 +9,11 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
   (default schedule: Newton step with 1.5 k* candidates, restart with the gradient step
   and 1.25 k* when the first attempt does not fit y). Success comes from
   :func:`iobs_jax.sweep.sweep`; time per instance is a warm (compiled, run once before)
-  pass of the same chunked, vmapped batch over the pre-generated instances that the
-  baselines get, divided by ``--trials`` (the sweep's own time, which also generates the
-  instances inside the compiled program, is reported beside it).
+  pass of the sweep's batch (chunks of its default ``chunk_size`` vmapped instances, the
+  solvers as the sweep builds them: for least squares the Gram Hessian computed once per
+  instance) over the pre-generated instances that the baselines get, one program per
+  cell (static ``k``), divided by ``--trials``. The sweep's own time (one program for the
+  grid, traced ``k``, instances generated inside) is reported beside it.
 - baselines, one instance at a time (their own compiled loops):
   scikit-learn OrthogonalMatchingPursuit (told k*, no intercept); Lasso (alpha =
   1e-3 alpha_max, no intercept) + least-squares debias on its k* largest coefficients;
@@ -21,9 +23,10 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
   abess best subset (told k*, no intercept, y scaled by 1e4: abess accepts a swap only
   when the loss drops by a fixed absolute amount).
 - throughput: our batched HTP / OBSPursuit (instances/s over the whole grid) against a
-  per-instance NumPy loop of the same HTP, and achieved GFLOP/s of OBSPursuit (an
-  analytic count of its matrix work) against the machine's float64 matmul peak measured
-  in the same run.
+  per-instance NumPy loop of the same HTP, and achieved GFLOP/s of HTP and OBSPursuit (an
+  analytic count of their matrix work) against the machine's float64 matmul peak (a
+  jitted 1024 x 1024 product, which XLA spreads over all cores; the solvers run on one)
+  measured in the same run.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/recovery_baselines.py [--trials 100]
         [--methods htp,obs-pursuit]
@@ -33,6 +36,7 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -47,13 +51,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from iobs_jax import sweep as sw  # noqa: E402
-from iobs_jax._sweep import _layout  # noqa: E402
+from iobs_jax._sweep import _layout, _solver_for  # noqa: E402
 from iobs_jax.problems import sparse_linear_regression  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 D, TOL = 256, 1e-3
 OURS = ("htp", "niht", "topk-iobs", "obs-pursuit")
+CHUNK = inspect.signature(sw.sweep).parameters["chunk_size"].default  # the sweep's
 
 
 def instances(key, n, k, trials):
@@ -66,15 +71,17 @@ def instances(key, n, k, trials):
 
 def solve_time(name, n, k, design, observations):
     """Seconds per instance of a warm batched solve (the sweep's chunked vmap, no generation)."""
-    solver = sw.make_solver(name, k, n=n, d=D)
     trials = design.shape[0]
-    padded, chunk = _layout(trials, 1, 16)  # the sweep's chunks (one device, chunk_size 16)
+    padded, chunk = _layout(trials, 1, CHUNK)  # the sweep's chunks on one device
     pad = padded - trials
     a = jnp.concatenate([design, design[:pad]]).reshape(-1, chunk, n, D)
     y = jnp.concatenate([observations, observations[:pad]]).reshape(-1, chunk, n)
-    run = jax.jit(lambda a, y: jax.lax.map(
-        lambda ay: jax.vmap(lambda ai, yi: solver.run(jnp.zeros(D, ai.dtype), ai, yi)[0])(*ay),
-        (a, y)))
+
+    def one(ai, yi):
+        solver, extra = _solver_for(name, k, "linear", ai)
+        return solver.run(jnp.zeros(D, ai.dtype), ai, yi, *extra)[0]
+
+    run = jax.jit(lambda a, y: jax.lax.map(lambda ay: jax.vmap(one)(*ay), (a, y)))
     run(a, y).block_until_ready()  # compile and warm up: not timed (as for the baselines)
     t0 = time.perf_counter()
     run(a, y).block_until_ready()
@@ -174,6 +181,13 @@ def pursuit_flops(n, k, iterations) -> float:
     return setup + iterations * per_iter
 
 
+def htp_flops(n, k, iterations) -> float:
+    """Matrix work of one HTP solve as the sweep runs it: the Gram Hessian once, then per
+    iteration the gradient and the loss (two passes over A each) and the (k, k) refit."""
+    per_iter = 8 * n * D + k**3 / 3 + 4 * k * k
+    return 2 * n * D * D + iterations * per_iter
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100, help="instances per cell (100)")
@@ -181,6 +195,9 @@ def main():
     parser.add_argument("--k", default="8,16,24,32,48", help="sparsities k*")
     parser.add_argument("--methods", default=",".join(OURS),
                         help=f"our solvers to run (default {','.join(OURS)})")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="baselines to run (default all; '' for none: ours and the "
+                             "NumPy HTP loop only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                               "recovery_baselines.json"))
@@ -190,6 +207,9 @@ def main():
     ours_run = [m for m in opts.methods.split(",") if m]
     if not ours_run or any(m not in OURS for m in ours_run):
         parser.error(f"--methods must list some of {', '.join(OURS)}; got {opts.methods!r}")
+    base_run = {m: BASELINES[m] for m in opts.baselines.split(",") if m}
+    if any(m not in BASELINES for m in base_run):
+        parser.error(f"--baselines must list some of {', '.join(BASELINES)}")
     key = jax.random.key(opts.seed)
     peak_before = matmul_peak()
 
@@ -202,7 +222,7 @@ def main():
     warm = [np.asarray(v[0]) for v in instances(key, ns[0], ks[0], 1)]
     with warnings.catch_warnings():  # first calls compile (numba) or import: not timed
         warnings.simplefilter("ignore")
-        for fn in BASELINES.values():
+        for fn in base_run.values():
             fn(warm[0], warm[1], ks[0])
     for n in ns:
         for k in ks:
@@ -211,7 +231,7 @@ def main():
                 if row["method"] in OURS and (row["n"], row["k"]) == (n, k):
                     row["ms_per_instance"] = 1e3 * solve_time(row["method"], n, k, *stacked[:2])
             probs = list(zip(*(np.asarray(v) for v in stacked), strict=True))
-            for name, fn in BASELINES.items():
+            for name, fn in base_run.items():
                 t0, ok = time.perf_counter(), 0
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -241,15 +261,17 @@ def main():
         if m in OURS:
             summary[m]["sweep_ms_per_instance"] = float(np.mean([r["sweep_ms_per_instance"]
                                                                  for r in rs]))
-    baselines = list(BASELINES)
+    baselines = list(base_run) or ["HTP, NumPy loop"]
     best_base = max(baselines, key=lambda m: summary[m]["overall"])
     success = {(r["method"], r["n"], r["k"]): r["success"] for r in rows}
     cell_gap = {m: float(max(max(success[b, n, k] for b in baselines) - success[m, n, k]
                              for n in ns for k in ks)) for m in ours_run}
-    pr = [r for r in rows if r["method"] == "obs-pursuit"]
-    flops = sum(pursuit_flops(r["n"], r["k"], r["mean_iterations"]) for r in pr)
-    seconds = sum(r["ms_per_instance"] for r in pr) / 1e3
-    gflops = flops / seconds / 1e9 if pr else float("nan")
+    gflops = {}
+    for m, count in (("obs-pursuit", pursuit_flops), ("htp", htp_flops)):
+        pr = [r for r in rows if r["method"] == m]
+        flops = sum(count(r["n"], r["k"], r["mean_iterations"]) for r in pr)
+        seconds = sum(r["ms_per_instance"] for r in pr) / 1e3
+        gflops[m] = flops / seconds / 1e9 if pr else float("nan")
 
     print("\n| method | overall success | worst cell vs best baseline there | ms per "
           "instance | instances/s | sweep ms (with generation) |")
@@ -272,8 +294,10 @@ def main():
         htp_loop = summary["HTP, NumPy loop"]["instances_per_s"]
         print(f"HTP batched {htp_batched:.0f} instances/s vs NumPy loop {htp_loop:.0f} "
               f"({htp_batched / htp_loop:.1f}x)")
-    print(f"OBSPursuit: {gflops:.2f} GFLOP/s achieved vs float64 matmul peak {peak:.1f} "
-          f"GFLOP/s ({100 * gflops / peak:.1f}%)")
+    for m, g in gflops.items():
+        if m in summary:
+            print(f"{m}: {summary[m]['instances_per_s']:.0f} instances/s, {g:.2f} GFLOP/s "
+                  f"achieved vs float64 matmul peak {peak:.1f} GFLOP/s ({100 * g / peak:.1f}%)")
     best_ours = max(ours_run, key=lambda m: summary[m]["overall"])
     fastest_base = max(baselines, key=lambda m: summary[m]["instances_per_s"])
     bars = {
@@ -295,7 +319,7 @@ def main():
                 seed=opts.seed)
     out.write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary,
                                    worst_cell_gap=cell_gap, best_baseline=best_base,
-                                   pursuit_gflops=gflops, matmul_peak_gflops=peak,
+                                   gflops=gflops, matmul_peak_gflops=peak, chunk_size=CHUNK,
                                    bars={t: bool(v) for t, v in bars.items()}), indent=2))
     print(f"wrote {out}")
 

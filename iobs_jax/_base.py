@@ -12,6 +12,7 @@ as silent NaNs: the step is rejected, the last finite iterate is kept, and
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._masks import _topk_mask_flat, flatten, tree_size, unflatten_like
+from ._masks import _topk_mask_any, flatten, tree_size, unflatten_like
 from ._validation import check_float_array, check_int, check_tol, is_concrete
 
 __all__ = ["Status", "trajectory", "raise_if_failed"]
@@ -132,7 +133,7 @@ def initial_fields(prob: Problem, x: jax.Array, args: tuple, k: int) -> dict:
         value=value.astype(x.dtype),
         grad=prob.unravel(grad),
         error=jnp.asarray(jnp.inf, x.dtype),
-        mask=prob.unravel_mask(_topk_mask_flat(jnp.abs(x), k)),
+        mask=prob.unravel_mask(_topk_mask_any(jnp.abs(x), k)),
         status=status.astype(jnp.int32),
     )
 
@@ -239,7 +240,11 @@ def validate_solver_fields(solver, name: str) -> None:
     """Checks shared by the solver dataclasses (skipped for non-concrete pytree leaves)."""
     if not callable(solver.fun):
         raise TypeError(f"{name}: fun must be callable fun(x, *args) -> scalar.")
-    check_int(solver.k, "k", low=0)
+    if getattr(solver, "max_k", None) is None:
+        check_int(solver.k, "k", low=0)
+    else:  # k may be traced: max_k fixes the shapes, k is checked when it is concrete
+        object.__setattr__(solver, "max_k", check_int(solver.max_k, "max_k", low=0))
+        _check_traced_k(solver.k, solver.max_k)
     check_int(solver.maxiter, "maxiter", low=0)
     if not isinstance(solver.jit, bool):
         raise TypeError(f"{name}: jit must be True or False; got {solver.jit!r}.")
@@ -258,3 +263,46 @@ def is_checkable(value: Any) -> bool:
     return isinstance(value, int | float | np.ndarray | np.generic | jax.Array) and is_concrete(
         value
     )
+
+
+def _check_traced_k(k: Any, max_k: int) -> None:
+    """A sparsity that may be traced: an integer scalar in ``[0, max_k]`` when concrete."""
+    if not is_concrete(k):
+        return
+    if isinstance(k, bool) or np.ndim(k) != 0 or not jnp.issubdtype(jnp.result_type(k),
+                                                                    jnp.integer):
+        raise TypeError(f"k must be an integer scalar (a Python int or an int array); got {k!r}.")
+    if not 0 <= int(k) <= max_k:
+        raise ValueError(f"k must be in [0, max_k={max_k}]; got k={int(k)}.")
+
+
+def sparsity_bound(solver) -> int:
+    """The static bound on a solver's ``k``: ``max_k`` when ``k`` may be traced, else ``k``."""
+    return solver.k if solver.max_k is None else solver.max_k
+
+
+def register_solver(cls: type, data_fields: tuple[str, ...]) -> None:
+    """Register a solver dataclass as a pytree whose ``data_fields`` are leaves.
+
+    The other fields are static (they fix shapes or code paths and are hashed into the
+    compiled function's cache key). ``k`` is static too unless the solver has ``max_k``
+    set: then ``k`` is a leaf as well, so a jitted function that takes the solver is
+    compiled once for every sparsity up to ``max_k`` (what a sweep over ``k`` needs).
+    Rebuilding skips ``__post_init__`` (the fields were validated when first built).
+    """
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten(solver):
+        traced = (*data_fields, "k") if solver.max_k is not None else data_fields
+        children = [(jax.tree_util.GetAttrKey(f), getattr(solver, f)) for f in traced]
+        static = tuple((f, getattr(solver, f)) for f in names if f not in traced)
+        return children, (traced, static)
+
+    def unflatten(aux, children):
+        traced, static = aux
+        solver = object.__new__(cls)
+        for name, value in (*static, *zip(traced, children, strict=True)):
+            object.__setattr__(solver, name, value)
+        return solver
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)

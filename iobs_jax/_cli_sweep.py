@@ -27,7 +27,8 @@ def register(sub) -> None:
         description=(
             "Solve --trials random sparse recovery instances y = A x* (+ noise) for every "
             "cell of the grid --n x --k (x --noise) at fixed --d with each solver of "
-            "--methods; every cell is one compiled, vmapped batch sharded over all devices. "
+            "--methods; one compiled program per solver for the whole grid, vmapped and "
+            "sharded over all devices. "
             "Writes results.csv and results.json (success rate = relative error < --tol, "
             "median relative error, support recovery, iterations, time) and one "
             "phase-transition heatmap per noise level (phase.png) into --out. The tables are "

@@ -14,12 +14,15 @@ from ._base import (
     finish_update,
     initial_fields,
     is_checkable,
+    register_solver,
     run_loop,
     setup_problem,
+    sparsity_bound,
     validate_solver_fields,
 )
-from ._curvature import HESSIAN_KINDS, hvp, make_curvature, power_iteration
-from ._masks import _topk_mask_flat
+from ._curvature import HESSIAN_KINDS, DenseCurvature, hvp, make_curvature, power_iteration
+from ._masks import _topk_mask_any
+from ._support import dense_support_solve
 from ._validation import check_choice, check_int, check_positive_scalar
 
 __all__ = ["IHT", "IHTState"]
@@ -77,7 +80,11 @@ class IHT:
       made scale free. (A ``1/L`` step is far too timid for the support search: with
       d=256, n=100, k=12 it recovers 42% of instances, the unit step 100%.)
 
-    ``k`` counts nonzeros globally over all leaves of a pytree ``x``. ``run`` stops when
+    ``k`` counts nonzeros globally over all leaves of a pytree ``x``. With ``max_k`` set,
+    ``k`` may be a traced integer ``<= max_k`` (it is then a pytree leaf of the solver, so a
+    jitted function that takes the solver compiles once for every ``k``: sweeps over the
+    sparsity); supports are then chosen by a sort instead of ``lax.top_k`` (same entries)
+    and HTP's refit solves a ``(max_k, max_k)`` padded block. ``run`` stops when
     the relative change of ``x`` is ``<= tol`` or after ``maxiter`` updates; see
     :class:`Status` for how failures are reported. ``jit=True`` (default) compiles
     ``run`` once per configuration and argument shapes; ``*args`` must then be arrays
@@ -102,6 +109,7 @@ class IHT:
     cg_tol: float = 1e-6
     cg_maxiter: int | None = None
     jit: bool = True
+    max_k: int | None = None
 
     def __post_init__(self):
         validate_solver_fields(self, "IHT")
@@ -119,7 +127,7 @@ class IHT:
 
     def init_state(self, x0: Any, *args: Any) -> IHTState:
         """Validate the problem and evaluate ``f``, its gradient and the step at ``x0``."""
-        prob = setup_problem(self.fun, x0, args, self.k, "IHT")
+        prob = setup_problem(self.fun, x0, args, sparsity_bound(self), "IHT")
         x, _ = ravel_pytree(x0)
         if self.step_size is not None:
             step = jnp.asarray(self.step_size, x.dtype)
@@ -142,14 +150,14 @@ class IHT:
 
     def update(self, x: Any, state: IHTState, *args: Any) -> tuple[Any, IHTState]:
         """One IHT/NIHT/HTP iteration from ``(x, state)``; returns ``(x_new, new_state)``."""
-        prob = setup_problem(self.fun, x, args, self.k, "IHT", validate=False)
+        prob = setup_problem(self.fun, x, args, sparsity_bound(self), "IHT", validate=False)
         xf = ravel_pytree(x)[0]
         g = ravel_pytree(state.grad)[0]
         if self.variant == "niht":
             x_new, mask, step = self._niht_step(prob, xf, g, args)
         else:
             step = state.step_size
-            mask = _topk_mask_flat(jnp.abs(xf - step * g), self.k)
+            mask = _topk_mask_any(jnp.abs(xf - step * g), self.k)
             x_new = jnp.where(mask, xf - step * g, 0.0)
             if self.variant == "htp":
                 x_new = self._refit(prob, x_new, mask, args)
@@ -168,12 +176,12 @@ class IHT:
         # gradient entries (Blumensath & Davies start from supp(T_k(grad)) at x = 0).
         ag = jnp.abs(g)
         score = jnp.where(x != 0, jnp.abs(x) + jnp.max(ag) + 1.0, ag)
-        support = _topk_mask_flat(score, self.k)
+        support = _topk_mask_any(score, self.k)
         gs = jnp.where(support, g, 0.0)
         mu = _safe_ratio(jnp.vdot(gs, gs), jnp.vdot(gs, hv(gs)))
 
         def propose(mu):
-            mask = _topk_mask_flat(jnp.abs(x - mu * g), self.k)
+            mask = _topk_mask_any(jnp.abs(x - mu * g), self.k)
             x_new = jnp.where(mask, x - mu * g, 0.0)
             dx = x_new - x
             omega = (1.0 - _NIHT_C) * _safe_ratio(jnp.vdot(dx, dx), jnp.vdot(dx, hv(dx)))
@@ -200,8 +208,14 @@ class IHT:
                 self.hessian, prob.flat_fun, x, args, 0.0, unravel=prob.unravel,
                 cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter,
             )
-            x = x - curv.masked_solve(mask, g, self.k)
+            x = x - self._masked_solve(curv, mask, g)
         return x
+
+    def _masked_solve(self, curv, mask, g):
+        if self.max_k is not None and isinstance(curv, DenseCurvature):
+            return dense_support_solve(curv, mask, g, self.k, self.max_k)
+        # A static k gathers a (k, k) block; CG (an operator curvature) needs no size.
+        return curv.masked_solve(mask, g, self.k if self.max_k is None else None)
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -210,8 +224,4 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-jax.tree_util.register_dataclass(
-    IHT,
-    data_fields=["step_size"],
-    meta_fields=[f.name for f in dataclasses.fields(IHT) if f.name != "step_size"],
-)
+register_solver(IHT, ("step_size",))

@@ -14,12 +14,14 @@ from ._base import (
     finish_update,
     initial_fields,
     is_checkable,
+    register_solver,
     run_loop,
     setup_problem,
+    sparsity_bound,
     validate_solver_fields,
 )
 from ._curvature import HESSIAN_KINDS, make_curvature
-from ._masks import _topk_mask_flat
+from ._masks import _topk_mask_any
 from ._obs import greedy_obs_unchecked, project, saliency_rank
 from ._validation import check_choice, check_nonnegative_scalar, check_positive_scalar
 
@@ -75,7 +77,9 @@ class IOBS:
     changing them does not recompile a jitted function that takes the solver).
     ``jit=True`` (default) compiles ``run`` once per configuration and argument shapes;
     ``*args`` must then be arrays (or pytrees of arrays); ``jit=False`` for a ``fun``
-    that takes Python values.
+    that takes Python values. With ``max_k`` set, ``k`` may be a traced integer
+    ``<= max_k`` (a pytree leaf: one compiled program for every ``k``, as sweeps need); the
+    correction then solves the masked ``(d, d)`` system instead of a gathered ``(k, k)`` one.
 
     Example:
       >>> fun = lambda x, A, y: jnp.mean((A @ x - y) ** 2)
@@ -95,6 +99,7 @@ class IOBS:
     cg_tol: float = 1e-6
     cg_maxiter: int | None = None
     jit: bool = True
+    max_k: int | None = None
 
     def __post_init__(self):
         validate_solver_fields(self, "IOBS")
@@ -116,12 +121,12 @@ class IOBS:
 
     def init_state(self, x0: Any, *args: Any) -> IOBSState:
         """Validate the problem and evaluate ``f`` and its gradient at ``x0``."""
-        prob = setup_problem(self.fun, x0, args, self.k, "IOBS")
+        prob = setup_problem(self.fun, x0, args, sparsity_bound(self), "IOBS")
         return IOBSState(**initial_fields(prob, ravel_pytree(x0)[0], args, self.k))
 
     def update(self, x: Any, state: IOBSState, *args: Any) -> tuple[Any, IOBSState]:
         """One I-OBS iteration from ``(x, state)``; returns ``(x_new, new_state)``."""
-        prob = setup_problem(self.fun, x, args, self.k, "IOBS", validate=False)
+        prob = setup_problem(self.fun, x, args, sparsity_bound(self), "IOBS", validate=False)
         xf = ravel_pytree(x)[0]
         g = ravel_pytree(state.grad)[0]
         x_new, mask = self.project_step(prob, xf, g, args)
@@ -145,18 +150,13 @@ class IOBS:
             if self.correction:
                 return theta, mask
         elif self.selection == "saliency":
-            mask = _topk_mask_flat(saliency_rank(x_tilde, curv.inverse_diag()), self.k)
+            mask = _topk_mask_any(saliency_rank(x_tilde, curv.inverse_diag()), self.k)
         else:
-            mask = _topk_mask_flat(jnp.abs(x_tilde), self.k)
+            mask = _topk_mask_any(jnp.abs(x_tilde), self.k)
         if self.correction:
-            return project(curv, x_tilde, mask, self.k).astype(dtype), mask
+            size = self.k if self.max_k is None else None  # a traced k: the masked solve
+            return project(curv, x_tilde, mask, size).astype(dtype), mask
         return jnp.where(mask, x_tilde, 0.0), mask
 
 
-jax.tree_util.register_dataclass(
-    IOBS,
-    data_fields=["step_size", "damping"],
-    meta_fields=[
-        f.name for f in dataclasses.fields(IOBS) if f.name not in ("step_size", "damping")
-    ],
-)
+register_solver(IOBS, ("step_size", "damping"))

@@ -79,6 +79,18 @@ def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
     return ranks < k
 
 
+def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
+    """:func:`_topk_mask_flat` for a static ``k``, :func:`_topk_mask_dynamic` for a traced one.
+
+    The solvers' sparsity may be a traced value (``max_k`` set: sweeps compile one program
+    for every ``k``); both branches select the same entries for scores without ``-0.0``
+    (magnitudes and saliencies), so a traced ``k`` gives the static program's supports.
+    """
+    if isinstance(k, int | np.integer):
+        return _topk_mask_flat(scores, int(k))
+    return _topk_mask_dynamic(scores, k)
+
+
 def topk_mask(scores: Any, k: int) -> Any:
     """Mask of the ``k`` largest scores.
 

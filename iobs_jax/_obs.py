@@ -30,7 +30,7 @@ from ._curvature import (
     check_cg_options,
     compute_dtype,
 )
-from ._masks import _topk_mask_flat, flatten
+from ._masks import _topk_mask_any, flatten
 from ._validation import (
     check_finite,
     check_finite_result,
@@ -336,25 +336,50 @@ def greedy_obs(
     return _check_solution(out, "greedy OBS"), mask
 
 
-def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: int, safeguard: bool = True):
-    """:func:`greedy_obs` without the boundary checks (for traced code in the library)."""
+def greedy_obs_unchecked(theta: jax.Array, g: jax.Array, k: Any, safeguard: bool = True):
+    """:func:`greedy_obs` without the boundary checks (for traced code in the library).
+
+    ``k`` may be a traced integer (a sweep's sparsity): the removal loop then runs a traced
+    number of rounds and the safeguard solves the masked ``(d, d)`` system.
+    """
     work = compute_dtype(theta.dtype)
-    out, mask = _greedy_obs(theta.astype(work), g.astype(work), k, safeguard)
+    run = _greedy_obs if isinstance(k, int | np.integer) else _greedy_obs_traced
+    out, mask = run(theta.astype(work), g.astype(work), k, safeguard)
     return out.astype(theta.dtype), mask
 
 
 @functools.partial(jax.jit, static_argnames=("k", "safeguard"))
 def _greedy_obs(theta, g, k, safeguard):
     # Compiled once per (shape, k): eager callers would otherwise retrace the loop.
-    # OBS is linear in theta and invariant to the scale of G (the mask and the corrected
-    # weights do not change), so both are scaled to O(1) first: squares of weights near
-    # 1e20 overflow float32, and an overflowing saliency once made argmin pick an entry
-    # already removed (k + 1 kept).
+    d = theta.shape[0]
+    theta, g, e = _scaled(theta, g)
+    out, mask, cost = _greedy_path(theta, g, d - k)
+    if safeguard and k not in (0, d):
+        out, mask = _safeguarded(theta, g, k, k, out, mask, cost)
+    return jnp.ldexp(out, e), mask
+
+
+@functools.partial(jax.jit, static_argnames=("safeguard",))
+def _greedy_obs_traced(theta, g, k, safeguard):
+    theta, g, e = _scaled(theta, g)
+    out, mask, cost = _greedy_path(theta, g, theta.shape[0] - k)
+    if safeguard:
+        out, mask = _safeguarded(theta, g, k, None, out, mask, cost)
+    return jnp.ldexp(out, e), mask
+
+
+def _scaled(theta, g):
+    """``theta / 2^e``, ``G`` symmetrized and scaled to O(1), and ``e``.
+
+    OBS is linear in theta and invariant to the scale of G (the mask and the corrected
+    weights do not change), so both are scaled first: squares of weights near 1e20
+    overflow float32, and an overflowing saliency once made argmin pick an entry
+    already removed (k + 1 kept).
+    """
     e = _exponent(jnp.max(jnp.abs(theta)))
     g = 0.5 * (g + g.T)
     g = jnp.ldexp(g, -_exponent(jnp.max(jnp.abs(jnp.diagonal(g)))))
-    out, mask = _greedy_obs_scaled(jnp.ldexp(theta, -e), g, k, safeguard)
-    return jnp.ldexp(out, e), mask
+    return jnp.ldexp(theta, -e), g, e
 
 
 def _exponent(m: jax.Array) -> jax.Array:
@@ -367,7 +392,8 @@ def _exponent(m: jax.Array) -> jax.Array:
     return jnp.where((m > 0) & jnp.isfinite(m), e, jnp.zeros_like(e))
 
 
-def _greedy_obs_scaled(theta, g, k, safeguard):
+def _greedy_path(theta, g, removals):
+    """``removals`` rounds of greedy OBS; returns the weights, the kept mask and the cost."""
     d = theta.shape[0]
     big = jnp.finfo(theta.dtype).max
     # Round-off can push a Schur complement's diagonal to <= 0; clamp it to a tiny
@@ -389,12 +415,14 @@ def _greedy_obs_scaled(theta, g, k, safeguard):
         return theta, gk, removed, cost + sal[p]
 
     init = (theta, g, jnp.zeros((d,), bool), jnp.zeros((), theta.dtype))
-    out, _, removed, cost = jax.lax.fori_loop(0, d - k, body, init)
-    mask = ~removed
-    if not safeguard or k in (0, d):
-        return out, mask
-    candidate = _topk_mask_flat(jnp.abs(theta), k)
-    alt, alt_cost = _project_from_inverse(g, theta, candidate, k)
+    out, _, removed, cost = jax.lax.fori_loop(0, removals, body, init)
+    return out, ~removed, cost
+
+
+def _safeguarded(theta, g, k, size, out, mask, cost):
+    """The cheaper of the greedy path and top-k of ``|theta|`` with its OBS correction."""
+    candidate = _topk_mask_any(jnp.abs(theta), k)
+    alt, alt_cost = _project_from_inverse(g, theta, candidate, size)
     # Keep the greedy path on ties: the two costs are computed differently, and a
     # round-off difference must not swap in another (equally good) answer.
     better = alt_cost < cost * (1 - 64 * jnp.finfo(cost.dtype).eps)

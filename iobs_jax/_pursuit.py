@@ -36,6 +36,7 @@ but whose Hessian is ``A^T A``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -47,12 +48,14 @@ from ._base import (
     finish_update,
     initial_fields,
     is_checkable,
+    register_solver,
     setup_problem,
+    sparsity_bound,
     validate_solver_fields,
 )
-from ._curvature import DenseCurvature, _jitter
-from ._masks import _topk_mask_flat
+from ._masks import _topk_mask_any
 from ._obs import greedy_obs_unchecked
+from ._support import count_jitter, support_cholesky, support_slots
 from ._validation import (
     check_choice,
     check_int,
@@ -63,8 +66,40 @@ from ._validation import (
 __all__ = ["OBSPursuit", "OBSPursuitState"]
 
 
-def _mse(x: jax.Array, design: jax.Array, observations: jax.Array) -> jax.Array:
-    return jnp.mean((design @ x - observations) ** 2)
+def _mean_square(v: jax.Array, rows: Any = None) -> jax.Array:
+    """``||v||^2 / rows``, the mean over the first ``rows`` entries (the others are zero)."""
+    return jnp.mean(v**2) if rows is None else jnp.sum(v**2) / rows
+
+
+def _mse(x: jax.Array, design: jax.Array, observations: jax.Array, rows: Any = None
+         ) -> jax.Array:
+    """``||A x - y||^2 / rows``: the mean squared error over the ``rows`` measurements."""
+    return _mean_square(design @ x - observations, rows)
+
+
+def _rows(design: jax.Array, rows: Any) -> Any:
+    return design.shape[0] if rows is None else rows
+
+
+def _greater(a: Any, b: Any) -> Any:
+    """``a > b``: a Python bool for static sizes, a traced one otherwise."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a > b
+    return jnp.greater(a, b)
+
+
+def _select(cond: Any, if_true, if_false) -> Any:
+    """``if_true()`` or ``if_false()``: chosen now for a Python bool, by ``where`` if traced."""
+    if isinstance(cond, bool):
+        return if_true() if cond else if_false()
+    return jnp.where(cond, if_true(), if_false())
+
+
+def _at_most(*sizes: Any) -> Any:
+    """``min`` of sizes that may be traced (a Python int when all are static)."""
+    if all(isinstance(v, int) for v in sizes):
+        return min(sizes)
+    return functools.reduce(jnp.minimum, sizes)
 
 
 class OBSPursuitState(NamedTuple):
@@ -97,11 +132,11 @@ class OBSPursuitState(NamedTuple):
 STEPS = ("newton", "gradient")
 
 
-def _default_schedule(k: int, refit: bool) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _default_schedule(k: Any, refit: bool) -> tuple[tuple[Any, ...], tuple[str, ...]]:
     # Measured on d = 256, n in {64..192}, k* in {8..48}, 100 instances per cell
     # (benchmarks/recovery_baselines.py): the attempts fail on different instances, so a
     # restart that differs in both the candidate count and the step recovers most of what
-    # each one alone misses (see the README, "Sparse recovery sweeps").
+    # each one alone misses (see the README, "Sparse recovery sweeps"). k may be traced.
     if not refit:
         return (k,), ("newton",)
     return (k + k // 2, k + k // 4), ("newton", "gradient")
@@ -143,9 +178,19 @@ class OBSPursuit:
         instance that cannot be recovered cycles among supports until ``maxiter``.
       maxiter: iteration cap of each attempt (``state.iter_num`` counts all of them).
       tol, jit: as in :class:`IOBS`.
+      max_k: a static bound that lets ``k`` be a traced integer ``<= max_k`` (a pytree
+        leaf: a jitted function that takes the solver compiles once for every ``k``, as
+        sweeps need). The candidate sets are then padded to the counts of ``max_k``, and
+        ``candidates`` are functions of ``k`` (``candidates=lambda k: k``; default: the
+        default schedule's counts).
 
     ``run(x0, A, y)`` with ``A`` ``(n, d)``, ``y`` ``(n,)`` and ``x0`` ``(d,)`` is jit- and
-    vmap-able: ``jax.vmap(solver.run, in_axes=(None, 0, 0))(x0, As, ys)``. ``update`` is
+    vmap-able: ``jax.vmap(solver.run, in_axes=(None, 0, 0))(x0, As, ys)``. An optional
+    fourth argument ``rows`` (``run(x0, A, y, rows)``, may be traced) says that only the
+    first ``rows`` rows of ``A`` and ``y`` are measurements and the others zero padding
+    (a sweep pads every cell of a grid to one shape): the loss, the damping and the cap on
+    the candidate counts then use ``rows``; the primal or dual form still follows the
+    padded shape. ``update`` is
     one step of the first attempt (``run`` adds the restarts). Measured on d = 256, 100
     noiseless Gaussian instances per cell (``benchmarks/recovery_baselines.py``), it
     recovers more instances than HTP and the baselines where ``k*/n`` is large.
@@ -166,6 +211,7 @@ class OBSPursuit:
     maxiter: int = 50
     tol: float = 1e-6
     jit: bool = True
+    max_k: int | None = None
     fun = staticmethod(_mse)  # the loss the state reports (validate_solver_fields needs it)
 
     def __post_init__(self):
@@ -173,6 +219,10 @@ class OBSPursuit:
         if not isinstance(self.refit, bool):
             raise TypeError(f"refit must be True or False; got {self.refit!r}.")
         cands, steps = self.candidates, self.step
+        if self.max_k is not None:
+            self._normalize_traced(cands, steps)
+            self._check_scalars()
+            return
         if cands is None and steps is None:
             cands, steps = _default_schedule(self.k, self.refit)
         cands = (self.k + self.k // 2 if self.refit else self.k) if cands is None else cands
@@ -193,23 +243,74 @@ class OBSPursuit:
         # Normalized to hashable tuples: they are static fields (they fix array shapes).
         object.__setattr__(self, "candidates", cands)
         object.__setattr__(self, "step", steps)
+        self._check_scalars()
+
+    def _normalize_traced(self, cands, steps):
+        """With ``max_k``: candidate counts are functions of the (traced) ``k``."""
+        if cands is None and steps is None:
+            return  # the default schedule, evaluated for the traced k
+        if cands is None:
+            cands = _more_by_half if self.refit else _same_count
+        cands, steps = _as_tuple(cands, "candidates"), _as_tuple(steps or "newton", "step")
+        if not all(callable(c) for c in cands):
+            raise ValueError("OBSPursuit(max_k=...) takes candidate counts as functions of k "
+                             "(e.g. candidates=lambda k: k), since k may be traced.")
+        if len(cands) != len(steps) and 1 not in (len(cands), len(steps)):
+            raise ValueError(f"candidates and step give {len(cands)} and {len(steps)} "
+                             "attempts; give one value or one per attempt for each.")
+        size = max(len(cands), len(steps))
+        cands, steps = cands * (size // len(cands)), steps * (size // len(steps))
+        for c, s in zip(cands, steps, strict=True):
+            check_int(c(self.max_k), "candidates(max_k)", low=self.max_k)
+            check_choice(s, "step", STEPS)
+        if not self.refit and any(c(self.max_k) != self.max_k for c in cands):
+            raise ValueError("OBSPursuit(refit=False) keeps x~ on a top-k support; it needs "
+                             "candidates=k (candidate pruning is a least-squares fit).")
+        object.__setattr__(self, "candidates", cands)
+        object.__setattr__(self, "step", steps)
+
+    def _check_scalars(self):
         for name in ("damping", "restart_tol"):
             if is_checkable(getattr(self, name)):
                 check_nonnegative_scalar(getattr(self, name), name)
         if is_checkable(self.step_size):
             check_positive_scalar(self.step_size, "step_size")
 
-    def _attempts(self, design: jax.Array) -> list[tuple[int, str]]:
-        """The schedule with sizes capped at ``min(n, d)``, repeated attempts dropped."""
+    def _schedule(self, k: Any) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+        """Candidate counts (for sparsity ``k``) and steps of the attempts."""
+        if self.max_k is None:
+            return self.candidates, self.step
+        if self.candidates is None:
+            return _default_schedule(k, self.refit)
+        return tuple(c(k) for c in self.candidates), self.step
+
+    def _attempts(self, design: jax.Array, rows: Any = None) -> list[tuple]:
+        """``(count, capacity, step, count > k)`` per attempt, repeated attempts dropped.
+
+        ``count`` is the candidate count capped at ``min(rows, d)`` (traced when ``k`` or
+        ``rows`` is), ``capacity`` its static bound (the count of ``max_k`` capped at the
+        padded ``min(n, d)``): candidate blocks are padded to it.
+        """
         n, d = design.shape
+        counts, steps = self._schedule(self.k)
+        bounds, _ = self._schedule(sparsity_bound(self))
         out = []
-        for c, s in zip(self.candidates, self.step, strict=True):
-            if (min(c, n, d), s) not in out:
-                out.append((min(c, n, d), s))
+        for c, b, s in zip(counts, bounds, steps, strict=True):
+            count = _at_most(c, _rows(design, rows), d)
+            # More candidates than k (then greedy OBS prunes): known statically when the
+            # count is static or is k itself (candidates=lambda k: k with a traced k).
+            more = False if c is self.k else _greater(count, self.k)
+            attempt = (count, min(b, n, d), s, more)
+            static = isinstance(count, int)  # traced counts (distinct steps) are kept
+            if not static or attempt not in out:
+                out.append(attempt)
         return out
 
-    def init_state(self, x0: jax.Array, design: jax.Array, observations: jax.Array
-                   ) -> OBSPursuitState:
+    def _steps(self) -> tuple[str, ...]:
+        return self._schedule(self.k)[1]
+
+    def init_state(self, x0: jax.Array, design: jax.Array, observations: jax.Array,
+                   rows: Any = None) -> OBSPursuitState:
         """Validate shapes, evaluate the loss and gradient at ``x0`` and factor the Gram matrix."""
         design, observations = jnp.asarray(design), jnp.asarray(observations)
         if design.ndim != 2 or observations.shape != design.shape[:1] or jnp.shape(x0) != (
@@ -219,38 +320,48 @@ class OBSPursuit:
                 f"OBSPursuit needs A (n, d), y (n,) and x0 (d,); got shapes {design.shape}, "
                 f"{observations.shape} and {jnp.shape(x0)}."
             )
-        prob = setup_problem(self.fun, x0, (design, observations), self.k, "OBSPursuit")
-        fields = initial_fields(prob, x0, (design, observations), self.k)
-        if "newton" in self.step:
-            factor = self._factor(design)
+        if rows is not None and is_checkable(rows):
+            check_int(rows, "rows", low=1, high=design.shape[0])
+        args = _args(design, observations, rows)
+        prob = setup_problem(self.fun, x0, args, sparsity_bound(self), "OBSPursuit")
+        fields = initial_fields(prob, x0, args, self.k)
+        if "newton" in self._steps():
+            factor = self._factor(design, rows)
         else:  # no attempt needs the factorization
             factor = jnp.zeros((0, 0), fields["value"].dtype)
         return OBSPursuitState(**fields, factor=factor, attempt=jnp.zeros((), jnp.int32),
                                residual=(observations - design @ x0).astype(x0.dtype))
 
-    def _factor(self, design: jax.Array) -> jax.Array:
-        """The lower Cholesky factor of ``G + mu I``, ``G`` the smaller Gram matrix."""
+    def _factor(self, design: jax.Array, rows: Any = None) -> jax.Array:
+        """The lower Cholesky factor of ``G + mu I``, ``G`` the smaller Gram matrix.
+
+        With padded rows the dual Gram has zero rows and columns beyond ``rows``: ``mu``
+        and the round-off jitter are those of the unpadded matrix (``rows`` its size), and
+        the padded block ``(mu + jitter) I`` only ever meets zero residuals.
+        """
         n, d = design.shape
         gram = design @ design.T if n < d else design.T @ design
-        mu = jnp.asarray(self.damping, gram.dtype) * jnp.trace(gram) / gram.shape[0]
+        size = _rows(design, rows) if n < d else d
+        mu = jnp.asarray(self.damping, gram.dtype) * jnp.trace(gram) / size
         eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-        gram = gram + (mu + _jitter(jnp.diagonal(gram))) * eye
+        gram = gram + (mu + count_jitter(jnp.diagonal(gram), size)) * eye
         return jnp.linalg.cholesky(gram)
 
     def update(self, x: jax.Array, state: OBSPursuitState, design: jax.Array,
-               observations: jax.Array) -> tuple[jax.Array, OBSPursuitState]:
+               observations: jax.Array, rows: Any = None) -> tuple[jax.Array, OBSPursuitState]:
         """One step of the first attempt; returns ``(x_new, new_state)``."""
-        attempt = self._attempts(design)[0]
-        return self._update(attempt, x, state, design, observations)
+        attempt = self._attempts(design, rows)[0]
+        return self._update(attempt, x, state, design, observations, rows)
 
-    def _update(self, attempt, x, state, design, observations):
-        args = (design, observations)
-        prob = setup_problem(self.fun, x, args, self.k, "OBSPursuit", validate=False)
-        x_new, mask = self._step(attempt, x, state, design, observations)
+    def _update(self, attempt, x, state, design, observations, rows=None):
+        args = _args(design, observations, rows)
+        prob = setup_problem(self.fun, x, args, sparsity_bound(self), "OBSPursuit",
+                             validate=False)
+        x_new, mask = self._step(attempt, x, state, design, observations, rows)
         # f and its gradient in closed form, from the new residual (one pass over A each).
-        n = design.shape[0]
+        n = _rows(design, rows)
         residual = (observations - design @ x_new).astype(x.dtype)
-        value = jnp.mean(residual**2)
+        value = _mean_square(residual, rows)
         grad = (-2.0 / n) * (design.T @ residual)
         if self.monotone:  # Subspace Pursuit's rule: stop once the loss stops decreasing
             worse = (value >= state.value) & (state.iter_num > 0)
@@ -263,46 +374,70 @@ class OBSPursuit:
         residual = jnp.where(fields["status"] == Status.NONFINITE, state.residual, residual)
         return x_out, state._replace(**fields, residual=residual)
 
-    def run(self, x0: jax.Array, design: jax.Array, observations: jax.Array):
+    def run(self, x0: jax.Array, design: jax.Array, observations: jax.Array,
+            rows: Any = None):
         """Iterate from ``x0`` (restarting as scheduled) until the support is stable."""
+        if rows is not None and is_checkable(rows):  # inside jit it is a tracer
+            check_int(rows, "rows", low=1, high=jnp.shape(design)[0])
         if self.jit:
-            return _run_compiled(self, x0, design, observations)
-        return _run(self, x0, design, observations)
+            return _run_compiled(self, x0, design, observations, rows)
+        return _run(self, x0, design, observations, rows)
 
-    def _step(self, attempt, x, state, design, observations):
-        c, how = attempt
-        n, d = design.shape
+    def _step(self, attempt, x, state, design, observations, rows=None):
+        c, capacity, how, more = attempt  # more: a Python bool unless c or k is traced
+        n, d = _rows(design, rows), design.shape[1]
         if how == "gradient":  # A^T r = -(n / 2) grad f: no pass over A
-            if c > self.k and self.refit:
-                # Only the ranking of |x~| off the support matters here (the fit does not
-                # use x~), and it does not depend on the step's scale: skip a pass over A.
-                scale = 1.0
-            else:
-                scale = jnp.sum(design * design) / d  # mean squared column norm
+            # With c > k only the ranking of |x~| off the support matters (the fit does
+            # not use x~), and it does not depend on the step's scale: skip a pass over A.
+            columns = lambda: jnp.sum(design * design) / d  # mean squared column norm
+            scale = _select(more & self.refit, lambda: 1.0, columns)
             step = (-0.5 * n / scale) * state.grad
-        elif n < d:  # dual (Woodbury) form
+        elif design.shape[0] < d:  # dual (Woodbury) form
             step = design.T @ cho_solve((state.factor, True), state.residual)
         else:
             step = cho_solve((state.factor, True), -0.5 * n * state.grad)
         x_tilde = x + jnp.asarray(self.step_size, x.dtype) * step
         score = jnp.abs(x_tilde)
-        if c > self.k:  # the current support is always a candidate (ranked first)
-            score = jnp.where(x != 0, score + jnp.max(score) + 1.0, score)
-        if c == 0:
+        # With c > k the current support is always a candidate (ranked first).
+        score = _select(more, lambda: jnp.where(x != 0, score + jnp.max(score) + 1.0, score),
+                        lambda: score)
+        if capacity == 0:
             return jnp.zeros_like(x), jnp.zeros((d,), bool)
-        mask = _topk_mask_flat(score, c)
+        mask = _topk_mask_any(score, c)
         if not self.refit:
             return jnp.where(mask, x_tilde, 0.0), mask
-        idx = jnp.nonzero(mask, size=c)[0]
-        sub = design[:, idx]
-        curv = DenseCurvature(sub.T @ sub)  # H_CC up to the factor 2/n
-        z = curv.solve(sub.T @ observations).astype(x.dtype)
-        if c > self.k:
-            z, keep = greedy_obs_unchecked(z, curv.inverse(), self.k)
+        return self._fit_candidates(mask, c, capacity, more, x.dtype, design, observations)
+
+    def _fit_candidates(self, mask, c, capacity, more, dtype, design, observations):
+        """Least squares on the candidates ``C = mask``, then greedy OBS down to ``k``.
+
+        The fit ``z = (A_C^T A_C)^{-1} A_C^T y`` and ``G = (A_C^T A_C)^{-1}`` (``H_CC`` up to
+        the factor ``2/n``) come from one Cholesky factor of the gathered block, padded to
+        ``capacity`` slots when ``c`` is traced (padding: ``z = 0``, decoupled in ``G``, so
+        greedy OBS removes it first at no cost and the kept entries are the unpadded ones).
+        """
+        d = design.shape[1]
+        idx, valid = support_slots(mask, c, capacity)
+        sub = jnp.where(valid, design[:, idx], 0.0)
+        chol = support_cholesky(sub.T @ sub, valid, c)
+        z = cho_solve((chol, True), sub.T @ observations).astype(dtype)
+        if more is False:  # c == k: nothing to prune
+            keep = valid
         else:
-            keep = jnp.ones((c,), bool)
-        mask = jnp.zeros((d,), bool).at[idx].set(keep)
-        return jnp.zeros_like(x).at[idx].set(jnp.where(keep, z, 0.0)), mask
+            g = cho_solve((chol, True), jnp.eye(capacity, dtype=chol.dtype))
+            z, keep = greedy_obs_unchecked(z, g, self.k)
+        keep = keep & valid
+        mask = jnp.zeros((d,), bool).at[idx].max(keep)
+        return jnp.zeros((d,), dtype).at[idx].add(jnp.where(keep, z, 0.0)), mask
+
+
+def _same_count(k: Any) -> Any:
+    """``candidates=k`` for a traced ``k``: Topk-I-OBS with refit (or HTP, gradient step)."""
+    return k
+
+
+def _more_by_half(k: Any) -> Any:
+    return k + k // 2
 
 
 def _as_tuple(value, name):
@@ -313,28 +448,34 @@ def _as_tuple(value, name):
     return tuple(value)
 
 
-def _loop(solver, attempt, x, state, args):
+def _args(design, observations, rows):
+    return (design, observations) if rows is None else (design, observations, rows)
+
+
+def _loop(solver, attempt, x, state, design, observations, rows):
     def cond(carry):
         _, state = carry
         return (state.iter_num < solver.maxiter) & (state.status == Status.MAX_STEPS_REACHED)
 
     def body(carry):
-        return solver._update(attempt, *carry, *args)
+        return solver._update(attempt, *carry, design, observations, rows)
 
     return jax.lax.while_loop(cond, body, (x, state))
 
 
-def _run(solver, x0, design, observations):
-    args = (design, observations)
-    attempts = solver._attempts(design)
+def _run(solver, x0, design, observations, rows=None):
+    data = (design, observations, rows)
+    args = _args(*data)
+    attempts = solver._attempts(design, rows)
     state = solver.init_state(x0, *args)
-    x, state = _loop(solver, attempts[0], x0, state, args)
+    x, state = _loop(solver, attempts[0], x0, state, *data)
     if len(attempts) == 1:
         return x, state
-    prob = setup_problem(solver.fun, x0, args, solver.k, "OBSPursuit", validate=False)
+    prob = setup_problem(solver.fun, x0, args, sparsity_bound(solver), "OBSPursuit",
+                         validate=False)
     zero = jnp.zeros_like(x0)
     start = initial_fields(prob, zero, args, solver.k)
-    scale = jnp.mean(observations**2)
+    scale = _mean_square(observations, rows)
     tol = jnp.asarray(solver.restart_tol, scale.dtype)
     for j, attempt in enumerate(attempts[1:], start=1):
         need = (state.status != Status.NONFINITE) & (state.value > tol**2 * scale)
@@ -344,7 +485,7 @@ def _run(solver, x0, design, observations):
                                residual=observations.astype(state.residual.dtype))
         begin = begin._replace(status=jnp.where(need, begin.status, Status.SUCCESSFUL)
                                .astype(jnp.int32))
-        x_j, state_j = _loop(solver, attempt, zero, begin, args)
+        x_j, state_j = _loop(solver, attempt, zero, begin, *data)
         better = need & (state_j.status != Status.NONFINITE) & (state_j.value < state.value)
         total = state.iter_num + jnp.where(need, state_j.iter_num, 0)
         x, state = jax.tree.map(lambda new, old, b=better: jnp.where(b, new, old),
@@ -356,9 +497,4 @@ def _run(solver, x0, design, observations):
 _run_compiled = jax.jit(_run)
 
 
-jax.tree_util.register_dataclass(
-    OBSPursuit,
-    data_fields=["restart_tol", "damping", "step_size"],
-    meta_fields=[f.name for f in dataclasses.fields(OBSPursuit)
-                 if f.name not in ("restart_tol", "damping", "step_size")],
-)
+register_solver(OBSPursuit, ("restart_tol", "damping", "step_size"))

@@ -1,4 +1,4 @@
-"""Recovery sweeps: many random instances per grid cell, one compiled program per cell.
+"""Recovery sweeps: many random instances per grid cell, one compiled program per solver.
 
 :func:`sweep` runs a set of solvers over a grid (measurements ``n`` x sparsity ``k`` x
 noise level at a fixed ``d``), ``trials`` instances per cell. Every trial is generated
@@ -8,6 +8,20 @@ solver sees the same instances. The batch axis is sharded over all visible devic
 (``jax.sharding.Mesh`` + ``jax.shard_map``); on each device the trials run as
 ``lax.map`` over chunks of ``chunk_size`` vmapped instances (a chunk's working set stays
 in cache, which on CPU is several times faster than one huge ``vmap``).
+
+One program per solver for the whole grid: ``k``, ``n`` and the noise level are traced
+arguments. Instances are drawn with ``rows=n`` padded to the grid's largest ``n`` (zero
+rows, which change no least-squares quantity once the losses divide by ``n`` itself: see
+:mod:`iobs_jax.problems`), and the named solvers take ``k`` as a traced value bounded by
+the grid's largest (``max_k``: sort-based top-k, padded support blocks). OBSPursuit's
+primal/dual choice follows the padded shape, so its cells split into shape buckets,
+``n < d`` and ``n >= d``, and its padded candidate blocks cost the cube of their size, so
+its ``k`` values are grouped so that each program's ``max_k`` is at most twice its
+smallest ``k`` (one group for ``k`` in 4..8 or 24..48): the number of programs depends on
+the range of ``n`` and ``k``, not on the number of cells. The programs are kept for the
+process: calling :func:`sweep` again with the same settings compiles nothing. Results
+equal the per-cell programs' (the tests compare them cell by cell) up to float64
+round-off.
 
 The result is a tidy table (one row per solver and cell) with the success rate
 (relative error ``||x - x*|| / ||x*|| < success_tol``), median relative error, support
@@ -19,10 +33,12 @@ prior). Plots live in :mod:`iobs_jax._plots`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +54,7 @@ from . import problems
 from ._base import Status, trajectory
 from ._iht import IHT
 from ._iobs import IOBS
-from ._pursuit import OBSPursuit
+from ._pursuit import OBSPursuit, _same_count
 from ._validation import check_choice, check_int, check_nonnegative_scalar
 
 __all__ = ["SOLVER_NAMES", "PROBLEMS", "make_solver", "mse_hessian", "sweep", "SweepResult",
@@ -51,11 +67,15 @@ _LOSSES = {"linear": problems.mse_loss, "logistic": problems.logistic_loss,
            "quadratic": problems.quadratic_loss}
 # Relative damping of I-OBS when H = 2 A^T A / n is singular (n < d): 5% of mean diag H.
 _IOBS_DAMPING = 0.05
+# Compiled grid programs of this process, by their static settings (see _GridSpec).
+_PROGRAMS: dict = {}
 
 
-def mse_hessian(x: jax.Array, design: jax.Array, observations: jax.Array) -> jax.Array:
-    """The constant Hessian ``2 A^T A / n`` of :func:`problems.mse_loss` (one matmul)."""
-    return 2.0 * design.T @ design / design.shape[0]
+def mse_hessian(x: jax.Array, design: jax.Array, observations: jax.Array, rows: Any = None
+                ) -> jax.Array:
+    """The constant Hessian ``2 A^T A / n`` of :func:`problems.mse_loss` (one matmul);
+    ``rows``: ``n`` when ``A`` is padded with zero rows."""
+    return 2.0 * design.T @ design / (design.shape[0] if rows is None else rows)
 
 
 def make_solver(name: str, k: int, *, n: int, d: int, problem: str = "linear",
@@ -71,25 +91,39 @@ def make_solver(name: str, k: int, *, n: int, d: int, problem: str = "linear",
     """
     check_choice(name, "solver", SOLVER_NAMES)
     check_choice(problem, "problem", PROBLEMS)
-    loss = _LOSSES[problem]
-    linear = problem == "linear"
-    hessian = mse_hessian if linear else "exact"
+    hessian = mse_hessian if problem == "linear" else "exact"
+    return _named_solver(name, k, problem, _LOSSES[problem], hessian,
+                         _iobs_damping(problem, n, d), maxiter)
+
+
+def _iobs_damping(problem: str, n: Any, d: int) -> Any:
+    """I-OBS damping: 5% of ``mean diag H`` for least squares with ``n < d`` (``n`` may be
+    traced); the quadratic problem is indefinite away from ``x*``: keep Cholesky factorable."""
+    if problem == "quadratic":
+        return 1e-3
+    if problem != "linear":
+        return 0.0
+    if isinstance(n, int):
+        return _IOBS_DAMPING * 2.0 / n if n < d else 0.0
+    return jnp.where(n < d, _IOBS_DAMPING * 2.0 / n, 0.0)
+
+
+def _named_solver(name: str, k: Any, problem: str, loss: Callable, hessian: Any, damping: Any,
+                  maxiter: int | None, max_k: int | None = None) -> Any:
+    """The solver behind a name; ``max_k`` set: ``k`` may be traced (one program per grid)."""
     first = {} if maxiter is None else {"maxiter": maxiter}
     second = {"maxiter": 100 if maxiter is None else maxiter}
-    damping = _IOBS_DAMPING * 2.0 / n if (linear and n < d) else 0.0
-    if problem == "quadratic":  # indefinite away from x*: keep Cholesky factorable
-        damping = 1e-3
     if name == "obs-pursuit":
-        if not linear:
+        if problem != "linear":
             raise ValueError("solver 'obs-pursuit' is for least squares (problem='linear').")
-        return OBSPursuit(k, **second)
+        return OBSPursuit(k, max_k=max_k, **second)
     if name in ("iht", "niht"):
-        return IHT(loss, k, variant=name, maxiter=first.get("maxiter", 3000))
+        return IHT(loss, k, variant=name, maxiter=first.get("maxiter", 3000), max_k=max_k)
     if name == "htp":
-        return IHT(loss, k, variant="htp", hessian=hessian, **second)
+        return IHT(loss, k, variant="htp", hessian=hessian, max_k=max_k, **second)
     selection = "saliency" if name == "saliency-iobs" else "topk"
     return IOBS(loss, k, selection=selection, correction=name != "topk-iobs-plain",
-                hessian=hessian, damping=damping, **second)
+                hessian=hessian, damping=damping, max_k=max_k, **second)
 
 
 class SweepResult(NamedTuple):
@@ -136,13 +170,14 @@ def _ints(values: Any, name: str, low: int) -> tuple[int, ...]:
     return tuple(check_int(v, name, low=low) for v in values)
 
 
-def _generator(problem: str, n: int, d: int, k: int, noise: float, design: str, rho: float,
-               prior: str, dtype: Any, signals: jax.Array | None) -> Callable:
-    """``(key, t) -> SparseRegression`` for trial ``t`` of a cell."""
+def _generator(problem: str, n: int, d: int, k: Any, noise: Any, design: str, rho: float,
+               prior: str, dtype: Any, signals: jax.Array | None, rows: Any = None) -> Callable:
+    """``(key, t) -> SparseRegression`` for trial ``t`` of a cell (``rows``: padded to ``n``)."""
     if prior == "mnist":
         return lambda key, t: problems.measure_signal(
-            key, signals[t % signals.shape[0]], n, noise=noise, design=design, rho=rho)
-    kw = dict(dtype=dtype, design=design, rho=rho, prior=prior)
+            key, signals[t % signals.shape[0]], n, noise=noise, design=design, rho=rho,
+            rows=rows)
+    kw = dict(dtype=dtype, design=design, rho=rho, prior=prior, rows=rows)
     if problem == "logistic":
         return lambda key, t: problems.sparse_logistic_regression(key, n, d, k, **kw)
     gen = (problems.quadratic_measurements if problem == "quadratic"
@@ -150,12 +185,13 @@ def _generator(problem: str, n: int, d: int, k: int, noise: float, design: str, 
     return lambda key, t: gen(key, n, d, k, noise=noise, **kw)
 
 
-def _trial_metrics(problem: str, solver: Any, k: int, prob: problems.SparseRegression) -> dict:
-    """Run ``solver`` on one instance; the per-trial numbers of the table."""
+def _trial_metrics(problem: str, solver: Any, k: Any, prob: problems.SparseRegression,
+                   extra: tuple = ()) -> dict:
+    """Run ``solver`` on one instance (``run(x0, A, y, *extra)``); the per-trial numbers."""
     a, y, x_true = prob.design, prob.observations, prob.x_true
     x0 = (problems.spectral_init(a, y, k) if problem == "quadratic"
           else jnp.zeros(a.shape[1], a.dtype))
-    x, state = solver.run(x0, a, y)
+    x, state = solver.run(x0, a, y, *extra)
     scale = jnp.maximum(jnp.linalg.norm(x_true), jnp.finfo(a.dtype).tiny)
     err = jnp.linalg.norm(x - x_true)
     if problem == "quadratic":  # identifiable only up to sign
@@ -165,18 +201,137 @@ def _trial_metrics(problem: str, solver: Any, k: int, prob: problems.SparseRegre
                 iterations=state.iter_num, status=state.status)
 
 
-def _batched(fn: Callable, chunk_size: int, devices: Sequence) -> tuple[Callable, Any]:
-    """``keys (T,) -> fn over each key``, sharded over ``devices`` and chunked on each."""
+def _batched(fn: Callable, chunk_size: int, devices: Sequence, shared: int = 0
+             ) -> tuple[Callable, Any, Any]:
+    """``(keys (T,), idx (T,), *shared) -> fn(key, t, *shared) over the trials``, sharded
+    over ``devices`` and chunked on each; ``shared`` arguments are replicated. Returns the
+    jitted function and the trials' and the shared arguments' shardings."""
     mesh = Mesh(np.asarray(devices), ("batch",))
 
-    def local(keys, idx):
-        return jax.lax.map(lambda a: fn(*a), (keys, idx), batch_size=chunk_size)
+    def local(keys, idx, *rest):
+        return jax.lax.map(lambda a: fn(*a, *rest), (keys, idx), batch_size=chunk_size)
 
     # check_vma=False: the solvers start their loops from constants (x0 = 0), which the
     # varying-axes type check would otherwise ask to pcast by hand.
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch")),
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch"), *[P()] * shared),
                            out_specs=P("batch"), check_vma=False)
-    return jax.jit(mapped), NamedSharding(mesh, P("batch"))
+    return jax.jit(mapped), NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+
+
+class _GridSpec(NamedTuple):
+    """The static settings of one grid program (its cache key): everything but the cell."""
+
+    name: str
+    problem: str
+    design: str
+    rho: float
+    prior: str
+    d: int
+    n_pad: int
+    max_k: int
+    dtype: str
+    maxiter: int | None
+    padded: int
+    chunk: int
+    devices: tuple
+
+
+def _mse_given_gram(x, design, observations, rows, gram):
+    return problems.mse_loss(x, design, observations, rows)
+
+
+def _given_gram(x, design, observations, rows, gram):
+    return gram
+
+
+def _solver_for(name: str, k: Any, problem: str, design: jax.Array, rows: Any = None,
+                maxiter: int | None = None, max_k: int | None = None) -> tuple[Any, tuple]:
+    """The named solver for one ``(n, d)`` instance and the extra arguments of its
+    ``run(x0, A, y, *extra)`` (``rows``: ``A`` padded with zero rows, may be traced).
+
+    Least squares has structure that :func:`make_solver`'s generic solvers do not use:
+
+    - HTP runs as ``OBSPursuit(k, candidates=k, step="gradient", monotone=False)``: the
+      same iteration (Foucart's unit step ``x + A^T r / L``, ``L`` the mean squared column
+      norm = ``1 / mean diag H``; top-k of ``|x~|``; the least-squares fit on that
+      support; stop when the support repeats), with the fit on the ``k`` gathered columns
+      instead of a restricted Newton step on the ``(d, d)`` Hessian (2-3x faster at
+      d = 256; equal to ``IHT(variant="htp")`` up to round-off, same iterations: tested).
+    - I-OBS gets the Gram Hessian ``2 A^T A / n`` computed here, once: the per-cell
+      solvers recompute it every step (XLA does not hoist a loop-invariant product that is
+      larger than its operands).
+    """
+    n = design.shape[0] if rows is None else rows
+    loss, hessian, extra = _LOSSES[problem], "exact", () if rows is None else (rows,)
+    if problem == "linear" and name == "htp":
+        solver = OBSPursuit(k, candidates=k if max_k is None else _same_count, step="gradient",
+                            monotone=False, maxiter=100 if maxiter is None else maxiter,
+                            max_k=max_k)
+        return solver, extra
+    if problem == "linear" and name != "obs-pursuit":
+        gram = mse_hessian(None, design, None, rows)
+        loss, hessian, extra = _mse_given_gram, _given_gram, (rows, gram)
+    solver = _named_solver(name, k, problem, loss, hessian,
+                           _iobs_damping(problem, n, design.shape[1]), maxiter, max_k)
+    return solver, extra
+
+
+def _grid_trial(spec: _GridSpec, key, t, rows, k, noise, signals=None) -> dict:
+    """One trial of a grid cell: the instance padded to ``spec.n_pad`` rows, solved with
+    the traced ``k`` and ``rows``."""
+    gen = _generator(spec.problem, spec.n_pad, spec.d, k, noise, spec.design, spec.rho,
+                     spec.prior, jnp.dtype(spec.dtype), signals, rows)
+    prob = gen(key, t)
+    solver, extra = _solver_for(spec.name, k, spec.problem, prob.design, rows, spec.maxiter,
+                                spec.max_k)
+    return _trial_metrics(spec.problem, solver, k, prob, extra)
+
+
+def _compile_programs(specs: dict, args: tuple) -> dict:
+    """Compile the grid programs of ``specs`` (``spec -> its shared arguments``) that this
+    process has not compiled yet; returns ``spec -> compile seconds`` for those.
+
+    Tracing runs one program at a time; XLA compiles them in parallel threads (it
+    releases the GIL), one per CPU, since a cold sweep's time is mostly compilation.
+    """
+    todo = {spec: _batched(functools.partial(_grid_trial, spec), spec.chunk, spec.devices,
+                           shared=len(extra))[0].lower(*args, *extra)
+            for spec, extra in specs.items() if spec not in _PROGRAMS}
+
+    def timed(lowered):
+        t0 = time.perf_counter()
+        return lowered.compile(), time.perf_counter() - t0
+
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        done = dict(zip(todo, pool.map(timed, todo.values()), strict=True))
+    _PROGRAMS.update({spec: compiled for spec, (compiled, _) in done.items()})
+    return {spec: seconds for spec, (_, seconds) in done.items()}
+
+
+def _k_buckets(name: str, ks: Sequence[int]) -> dict[int, int]:
+    """``k -> max_k`` of its program: the grid's largest ``k``, or for OBSPursuit groups
+    whose largest ``k`` is at most twice their smallest. OBSPursuit's candidate blocks
+    are padded to the counts of ``max_k``, and their Cholesky factor, inverse and greedy
+    OBS grow with the cube of that: measured at d = 256, n = 128, k = 8, a 1.5k-candidate
+    program padded for ``max_k = 48`` took 2.4x the per-cell time, padded for 16 1.0x."""
+    if name != "obs-pursuit":
+        return {k: max(ks) for k in ks}
+    out, rest = {}, sorted(set(ks), reverse=True)
+    while rest:
+        top = rest[0]
+        out.update({k: top for k in rest if 2 * k >= top})
+        rest = [k for k in rest if 2 * k < top]
+    return out
+
+
+def _n_buckets(name: str, ns: Sequence[int], d: int) -> dict[int, int]:
+    """``n -> padded n``: the grid's largest ``n``, or per side of ``d`` for OBSPursuit
+    (its primal or dual form follows the padded shape)."""
+    if name != "obs-pursuit":
+        return {n: max(ns) for n in ns}
+    low, high = [n for n in ns if n < d], [n for n in ns if n >= d]
+    return {n: max(low) if n < d else max(high) for n in ns}
 
 
 def _layout(trials: int, ndev: int, chunk_size: int) -> tuple[int, int]:
@@ -213,10 +368,11 @@ def sweep(
     signals: Any = None,
     success_tol: float = 1e-3,
     dtype: Any = None,
-    chunk_size: int = 16,
+    chunk_size: int = 4,
     devices: Sequence | None = None,
     maxiter: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    per_cell: bool = False,
 ) -> SweepResult:
     """Run ``solvers`` on ``trials`` random instances per cell of the grid ``n x k x noise``.
 
@@ -234,14 +390,21 @@ def sweep(
         ``signals`` (``(N, d)``, e.g. :func:`problems.mnist_signals`), trial ``t`` uses row
         ``t mod N``.
       success_tol: a trial succeeds when ``||x - x*|| / ||x*|| < success_tol``.
-      chunk_size: instances vmapped together inside each device's ``lax.map``.
+      chunk_size: instances vmapped together inside each device's ``lax.map`` (4: a
+        vmapped while loop runs until its slowest instance stops, so small chunks waste
+        less; on the d = 256 grid 4 was 1.1-1.8x faster than 16).
       devices: devices to shard the trials over (default: all of ``jax.devices()``).
       maxiter: override the named solvers' iteration caps.
       progress: called as ``progress(done, total, label)`` after each solver and cell.
+      per_cell: compile one program per cell and solver (each cell's own shapes, a
+        static ``k``; what factories always get) instead of one per solver for the grid.
+        Same results up to round-off; slower to compile. For checking.
 
     Returns:
       :class:`SweepResult`. Times are wall times of the compiled batch (compilation
-      excluded and reported separately), divided by ``trials`` for ``ms_per_instance``.
+      excluded and reported separately as ``compile_seconds``, on the first cell that
+      uses a program: later cells, and later calls with the same settings, reuse it),
+      divided by ``trials`` for ``ms_per_instance``.
 
     Example:
       >>> res = sweep(["htp", "obs-pursuit"], d=256, n=[64, 128], k=[8, 16], trials=50,
@@ -270,7 +433,8 @@ def sweep(
         raise ValueError(f"signals= is only used with prior='mnist' (got prior={prior!r}).")
     if max(ks) > d:
         raise ValueError(f"k must be <= d={d}; got k={max(ks)}.")
-    if isinstance(solvers, Mapping):
+    factories_given = isinstance(solvers, Mapping)
+    if factories_given:
         factories = dict(solvers)
         if not all(callable(f) for f in factories.values()):
             raise TypeError("solvers must map names to factories k -> solver.")
@@ -283,25 +447,45 @@ def sweep(
         raise ValueError("solvers must name at least one solver.")
     devices = list(jax.devices() if devices is None else devices)
     padded, chunk = _layout(trials, len(devices), chunk_size)
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    split, shared = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    # One program per solver needs padded instances equal to the unpadded ones: a draw of
+    # n rows must start with the draw of m rows (JAX's default partitionable PRNG).
+    grid = not per_cell and factories_given is False and jax.config.jax_threefry_partitionable
+    dt = jnp.dtype(problems._dtype(dtype))
+    buckets = {name: _n_buckets(name, ns, d) for name in factories}
     rows, per_trial = [], {}
     cells = [(nn, kk, ii) for nn in ns for kk in ks for ii in range(len(noises))]
     total, done = len(cells) * len(factories), 0
+    place = lambda *values: tuple(jax.device_put(v, shared) for v in values)
+    k_buckets = {name: _k_buckets(name, ks) for name in factories}
+    specs = {(name, nn, kk): _GridSpec(name, problem, design, float(rho), prior, d,
+                                       buckets[name][nn], k_buckets[name][kk], dt.name, maxiter,
+                                       padded, chunk, tuple(devices))
+             for name in factories for nn in ns for kk in ks}
+    extra = () if signals is None else place(signals)
+    if grid:  # compiled from shapes only: any cell's arguments stand for all
+        example = tuple(jax.device_put(v, split) for v in _trial_keys(key, padded))
+        compile_times = _compile_programs(
+            {spec: place(np.int32(ns[0]), np.int32(ks[0]), np.asarray(noises[0], dt)) + extra
+             for spec in set(specs.values())}, example)
     for nn, kk, ii in cells:
         cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, nn), kk), ii)
         keys, idx = _trial_keys(cell_key, padded)
-        gen = _generator(problem, nn, d, kk, noises[ii], design, rho, prior, dtype, signals)
+        args = (jax.device_put(keys, split), jax.device_put(idx, split))
         for name, factory in factories.items():
-            solver = (make_solver(name, kk, n=nn, d=d, problem=problem, maxiter=maxiter)
-                      if factory is None else factory(kk))
-            fn = lambda key, t, solver=solver, gen=gen, kk=kk: _trial_metrics(
-                problem, solver, kk, gen(key, t))
-            run, sharding = _batched(fn, chunk, devices)
-            args = (jax.device_put(keys, sharding), jax.device_put(idx, sharding))
+            if grid:
+                spec = specs[name, nn, kk]
+                compiled, compile_s = _PROGRAMS[spec], compile_times.pop(spec, 0.0)
+                cell_args = args + place(np.int32(nn), np.int32(kk),
+                                         np.asarray(noises[ii], dt)) + extra
+            else:
+                compiled, compile_s = _cell_program(
+                    name, factory, problem, nn, d, kk, noises[ii], design, rho, prior, dtype,
+                    signals, maxiter, chunk, devices, args)
+                cell_args = args
             t0 = time.perf_counter()
-            compiled = run.lower(*args).compile()
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(compiled(*args))
+            out = jax.block_until_ready(compiled(*cell_args))
             seconds = time.perf_counter() - t0
             out = {f: np.asarray(v)[:trials] for f, v in out.items()}
             rows.append(_row(name, nn, d, kk, noises[ii], out, success_tol, seconds, compile_s))
@@ -315,6 +499,19 @@ def sweep(
                   chunk_size=chunk_size, backend=jax.default_backend(),
                   dtype=str(jnp.dtype(problems._dtype(dtype))))
     return SweepResult(rows, per_trial, config)
+
+
+def _cell_program(name, factory, problem, n, d, k, noise, design, rho, prior, dtype, signals,
+                  maxiter, chunk, devices, args) -> tuple[Any, float]:
+    """The per-cell program (static ``k`` and shapes) and its compile time."""
+    gen = _generator(problem, n, d, k, noise, design, rho, prior, dtype, signals)
+    solver = (make_solver(name, k, n=n, d=d, problem=problem, maxiter=maxiter)
+              if factory is None else factory(k))
+    fn = lambda key, t: _trial_metrics(problem, solver, k, gen(key, t))
+    run, _, _ = _batched(fn, chunk, devices)
+    t0 = time.perf_counter()
+    compiled = run.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
 
 
 def _row(name, n, d, k, noise, out, success_tol, seconds, compile_s) -> dict:

@@ -4,7 +4,8 @@
 instances (see :mod:`iobs_jax.problems` for the generators):
 
 - :func:`sweep` runs solvers over an ``n x k x noise`` grid, one compiled, vmapped,
-  device-sharded batch per cell, and returns a :class:`SweepResult` (CSV/JSON table);
+  device-sharded program per solver for the whole grid (``k`` and ``n`` traced), and
+  returns a :class:`SweepResult` (CSV/JSON table);
   :func:`make_solver` builds the named solvers of :data:`SOLVER_NAMES`.
 - :func:`convergence` records loss and distance to ``x*`` per step;
   :func:`recover_signals` solves given signals (the MNIST prior).

@@ -217,12 +217,52 @@ def test_schedule_is_normalized_and_deduplicated():
     assert ij.OBSPursuit(8, candidates=9).step == ("newton",)
     assert ij.OBSPursuit(4, refit=False).candidates == (4,)
     # capped at n: (12, 10) on n = 9 is the same attempt twice, run once
-    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, "newton"), (9, "gradient")]
+    # (count, capacity, step, count > k): static counts are their own capacity
+    assert ij.OBSPursuit(8)._attempts(jnp.zeros((9, 30))) == [(9, 9, "newton", True),
+                                                              (9, 9, "gradient", True)]
     assert ij.OBSPursuit(8, candidates=(12, 10), step="newton")._attempts(
-        jnp.zeros((9, 30))) == [(9, "newton")]
+        jnp.zeros((9, 30))) == [(9, 9, "newton", True)]
     st = ij.OBSPursuit(4, candidates=6, step="gradient").init_state(
         jnp.zeros(30), jnp.ones((10, 30)), jnp.ones(10))
     assert st.factor.shape == (0, 0)  # no factorization when no attempt needs it first
+
+
+# --- a traced k and padded rows (what sweeps compile once) ---------------------------------
+
+
+def test_traced_k_on_padded_rows_equals_the_static_solver():
+    """OBSPursuit(k, max_k) on zero-padded rows == OBSPursuit(k) on the instance itself,
+    for several k through one compiled function; jit == no-jit."""
+    run = jax.jit(lambda s, a, y, rows: s.run(jnp.zeros(48), a, y, rows))
+    for k in (3, 6):
+        prob = problem(7, n=20, d=48, k=k)
+        a = jnp.concatenate([prob.design, jnp.zeros((6, 48))])
+        y = jnp.concatenate([prob.observations, jnp.zeros(6)])
+        x, state = ij.OBSPursuit(k).run(jnp.zeros(48), prob.design, prob.observations)
+        traced = ij.OBSPursuit(jnp.int32(k), max_k=8)
+        x_jit, s_jit = run(traced, a, y, jnp.int32(20))
+        x_eager, s_eager = dataclasses.replace(traced, jit=False).run(jnp.zeros(48), a, y, 20)
+        for xs, st in ((x_jit, s_jit), (x_eager, s_eager)):
+            np.testing.assert_allclose(xs, x, atol=1e-12)
+            assert int(st.iter_num) == int(state.iter_num)
+            assert int(st.attempt) == int(state.attempt)
+            np.testing.assert_allclose(st.value, state.value, rtol=1e-9, atol=1e-20)
+    assert run._cache_size() == 1
+
+
+def test_traced_k_options_are_checked():
+    with pytest.raises(ValueError, match="max_k"):
+        ij.OBSPursuit(9, max_k=8)
+    with pytest.raises(ValueError, match="functions of k"):
+        ij.OBSPursuit(4, max_k=8, candidates=6)
+    with pytest.raises(ValueError, match="candidates\\(max_k\\)"):
+        ij.OBSPursuit(4, max_k=8, candidates=lambda k: k - 1)
+    traced = ij.OBSPursuit(4, max_k=8, candidates=lambda k: k, step="gradient")
+    assert traced._attempts(jnp.zeros((10, 30)))[0][1:] == (8, "gradient", False)
+    with pytest.raises(TypeError, match="integer scalar"):
+        ij.OBSPursuit(4.0, max_k=8)
+    with pytest.raises(ValueError, match="rows must be"):
+        ij.OBSPursuit(2).run(jnp.zeros(6), jnp.ones((4, 6)), jnp.ones(4), 5)
 
 
 def test_bad_options():

@@ -341,6 +341,29 @@ def test_trajectory_records_every_iterate():
 # --- bad input ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make", [
+    lambda k, **kw: ij.IHT(mse_loss, k, variant="htp", tol=1e-12, **kw),
+    lambda k, **kw: ij.IHT(mse_loss, k, variant="niht", tol=1e-12, **kw),
+    lambda k, **kw: ij.IOBS(mse_loss, k, damping=1e-3, maxiter=30, **kw),
+], ids=["htp", "niht", "iobs-topk"])
+def test_traced_k_with_max_k_equals_the_static_solver_with_one_compile(make):
+    run = jax.jit(lambda s, a, y: s.run(jnp.zeros(40), a, y))
+    for k in (3, 5):
+        prob = sparse_linear_regression(jax.random.key(k), 24, 40, k, noise=0.01)
+        x, state = make(k).run(jnp.zeros(40), prob.design, prob.observations)
+        traced = make(jnp.int32(k), max_k=6)
+        x_jit, s_jit = run(traced, prob.design, prob.observations)
+        x_eager, s_eager = dataclasses.replace(traced, jit=False).run(
+            jnp.zeros(40), prob.design, prob.observations)
+        for xs, st in ((x_jit, s_jit), (x_eager, s_eager)):
+            np.testing.assert_allclose(xs, x, rtol=1e-9, atol=1e-12)
+            assert int(st.iter_num) == int(state.iter_num)
+            np.testing.assert_array_equal(st.mask, state.mask)
+    assert run._cache_size() == 1
+    with pytest.raises(ValueError, match="max_k"):
+        make(7, max_k=6)
+
+
 def test_bad_input_raises_clear_errors_before_tracing():
     prob = make_problem(0)
     a, y = prob.design, prob.observations

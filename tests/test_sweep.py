@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import iobs_jax as ij
+from iobs_jax import problems
 from iobs_jax import sweep as sw
 from iobs_jax.problems import mse_loss, sparse_linear_regression
 
@@ -96,7 +97,7 @@ def test_convergence_curves_and_plots(tmp_path):
                              "pursuit": ij.OBSPursuit(6, candidates=6)}, probs, 20)
     assert curves["iht"]["loss"].shape == (4, 21) and curves["iht"]["x"].shape == (4, 16)
     assert np.all(curves["pursuit"]["distance"][:, -1] < 1e-10)
-    assert np.all(curves["iht"]["distance"][:, 0] == 1.0)
+    np.testing.assert_allclose(curves["iht"]["distance"][:, 0], 1.0, rtol=1e-12)  # x0 = 0
     res = sw.SweepResult([dict(method=m, n=n, d=16, k=k, noise=0.0, success_rate=s)
                           for m, n, k, s in [("a", 8, 2, 1.0), ("a", 8, 4, 0.5),
                                              ("a", 12, 2, 1.0), ("a", 12, 4, 0.75)]], {}, {})
@@ -131,3 +132,125 @@ def test_bad_sweep_arguments_raise_before_any_compile(kwargs, error, needle):
     args.update(kwargs)
     with pytest.raises(error, match=needle):
         sw.sweep(args.pop("solvers"), **args)
+
+
+# --- one program per solver for the whole grid ---------------------------------------------
+
+# Noisy data: every OBSPursuit instance also runs its restart (the second attempt).
+GRID = dict(d=24, n=[10, 14], k=[3, 5], trials=6, key=jax.random.key(7), chunk_size=3,
+            noise=0.01)
+GRID_SOLVERS = ["htp", "niht", "topk-iobs", "obs-pursuit"]
+
+
+class CompileCounter:
+    """Counts XLA compilations (JAX's backend-compile events) while active."""
+
+    def __init__(self):
+        self.count, self.active = 0, False
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __enter__(self):
+        self.count, self.active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return CompileCounter()
+
+
+@pytest.fixture(scope="module")
+def grid_and_cells(counter):
+    with counter as c:
+        grid = sw.sweep(GRID_SOLVERS, **GRID)
+    grid_compiles = c.count
+    cells = sw.sweep(GRID_SOLVERS, per_cell=True, **GRID)
+    return grid, cells, grid_compiles
+
+
+def test_grid_program_equals_the_per_cell_programs(grid_and_cells):
+    grid, cells, _ = grid_and_cells
+    assert len(grid.trials) == 4 * 2 * 2
+    for key, got in grid.trials.items():
+        want = cells.trials[key]
+        np.testing.assert_allclose(got["rel_error"], want["rel_error"], rtol=1e-9, atol=1e-13,
+                                   err_msg=str(key))
+        for field in ("iterations", "status", "support_recovery"):
+            np.testing.assert_array_equal(got[field], want[field], err_msg=f"{key} {field}")
+
+
+def test_grid_compiles_each_solver_once_and_a_second_call_reuses_it(grid_and_cells, counter):
+    grid, _, grid_compiles = grid_and_cells
+    # obs-pursuit: one bucket here (every n < d); the first cell of a program carries its
+    # compile time, the others reuse it.
+    compiled = [r for r in grid.rows if r["compile_seconds"] > 0]
+    assert sorted(r["method"] for r in compiled) == sorted(GRID_SOLVERS)
+    with counter as c:
+        again = sw.sweep(GRID_SOLVERS, **GRID)
+    assert c.count == 0 and all(r["compile_seconds"] == 0 for r in again.rows)
+    for key, got in again.trials.items():
+        np.testing.assert_array_equal(got["rel_error"], grid.trials[key]["rel_error"])
+    assert grid_compiles >= len(GRID_SOLVERS)
+
+
+def test_compile_count_does_not_grow_with_the_number_of_cells(counter):
+    """One cell and six cells (other d, so nothing is reused) compile as often."""
+    kw = dict(trials=3, key=KEY, chunk_size=3)
+    with counter as one:
+        sw.sweep(["htp", "obs-pursuit"], d=20, n=[9], k=[2], **kw)
+    with counter as six:
+        sw.sweep(["htp", "obs-pursuit"], d=21, n=[8, 9, 10], k=[2, 4], **kw)
+    assert six.count == one.count, (one.count, six.count)
+
+
+def test_obs_pursuit_splits_the_grid_at_n_equals_d():
+    """Primal (n >= d) and dual (n < d) forms: two programs, the same results as per cell."""
+    kw = dict(d=10, n=[8, 12], k=[3], trials=4, key=KEY, chunk_size=2)
+    grid, cells = sw.sweep(["obs-pursuit"], **kw), sw.sweep(["obs-pursuit"], per_cell=True, **kw)
+    assert sum(r["compile_seconds"] > 0 for r in grid.rows) == 2
+    for key, got in grid.trials.items():
+        np.testing.assert_allclose(got["rel_error"], cells.trials[key]["rel_error"], atol=1e-12)
+        np.testing.assert_array_equal(got["iterations"], cells.trials[key]["iterations"])
+
+
+@pytest.mark.parametrize("problem, design", [("linear", "gaussian"), ("logistic", "rademacher"),
+                                             ("quadratic", "gaussian"), ("mnist", "gaussian"),
+                                             ("linear", "correlated")])
+def test_padded_instances_equal_the_unpadded_ones(problem, design):
+    """rows=m of n (traced, with a traced k): the first m rows are the m-row instance: the
+    same draws, signal and support bit for bit; entries may differ in the last bit (XLA
+    turns 1/sqrt(n) of a traced n into rsqrt; the correlated design's matmul may round
+    differently in another shape)."""
+    key, signal = jax.random.key(2), jnp.zeros(16).at[3].set(2.0).at[9].set(-1.0)
+
+    def draw(n, k, rows):
+        kw = dict(design=design, rho=0.3, rows=rows)
+        if problem == "mnist":
+            return problems.measure_signal(key, signal, n, noise=0.1, **kw)
+        if problem == "logistic":
+            return problems.sparse_logistic_regression(key, n, 16, k, **kw)
+        gen = (problems.quadratic_measurements if problem == "quadratic"
+               else problems.sparse_linear_regression)
+        return gen(key, n, 16, k, noise=0.1, **kw)
+
+    padded = jax.jit(lambda rows, k: draw(11, k, rows))(7, 4)
+    plain = jax.jit(lambda: draw(7, 4, None))()
+    same = functools.partial(np.testing.assert_allclose, rtol=4e-16 if design != "correlated"
+                             else 1e-13, atol=1e-15)
+    same(padded.design[:7], plain.design)
+    same(padded.observations[:7], plain.observations)
+    np.testing.assert_array_equal(padded.x_true, plain.x_true)
+    np.testing.assert_array_equal(padded.support, plain.support)
+    assert not np.any(padded.design[7:]) and not np.any(padded.observations[7:])
+    loss = {"logistic": problems.logistic_loss, "quadratic": problems.quadratic_loss}.get(
+        problem, problems.mse_loss)
+    x = jnp.linspace(-1.0, 1.0, 16)
+    np.testing.assert_allclose(loss(x, padded.design, padded.observations, 7),
+                               loss(x, plain.design, plain.observations), rtol=1e-13)
