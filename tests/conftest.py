@@ -17,6 +17,27 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_compilation_cache(tmp_path_factory):
+    """CLI commands turn on JAX's persistent compilation cache (``~/.cache/iobs_jax``).
+    In tests it goes to a folder of this session, never the user's, so entries written by
+    other runs (other versions, other flags, a concurrent run) are never read here."""
+    os.environ["IOBS_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _cache_off_after_each_test():
+    """A CLI test that enabled the persistent cache leaves it on for the process; turn it
+    off afterwards so that every other test compiles in memory, as a library user does."""
+    yield
+    if jax.config.jax_compilation_cache_dir is not None:
+        from jax._src import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
