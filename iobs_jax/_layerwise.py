@@ -328,23 +328,25 @@ def _make_plan(cols: int, blocksize: int, select: str, nm=None, rowwise=False, w
                  want_s)
 
 
-def _all_kept(acc, v, rs):
-    """Unmasked forward solve inside a sub-block: the values ``x`` if nothing is pruned."""
+def _all_kept(acc, v, rs, inv):
+    """Unmasked forward solve inside a sub-block: the values ``x`` if nothing is pruned
+    (``inv = 1 / diag(rs)``)."""
     acc = list(acc)
     xs = []
     for c in range(len(acc)):
-        x = (v[c] - acc[c]) / rs[c, c]
+        x = (v[c] - acc[c]) * inv[c]
         xs.append(x)
         for c2 in range(c + 1, len(acc)):
             acc[c2] = acc[c2] + rs[c, c2] * x
     return xs
 
 
-def _columns(acc, f, v, keep, rs, ban, nm):
+def _columns(acc, f, v, keep, rs, inv, ban, nm):
     """The sequential recursion on one sub-block, unrolled (``acc[c] = s_c`` on entry).
 
     ``z_c = (v_c - s_c) / R_cc`` where kept, ``f_c`` where pruned; then ``s`` of the
-    later columns gains ``R_cc' z_c``. With ``nm`` each group of ``m`` columns first
+    later columns gains ``R_cc' z_c`` (``inv = 1 / diag(rs)``: reciprocals computed once
+    per sub-block, not one small kernel per column). With ``nm`` each group of ``m`` columns first
     keeps the ``n`` largest ``((f - x) R_cc)^2`` of every row, ``x`` the group's values
     if nothing in it were pruned. Returns lists ``(z, s, keep)`` over the columns.
     """
@@ -353,13 +355,13 @@ def _columns(acc, f, v, keep, rs, ban, nm):
     for c in range(len(acc)):
         if nm is not None and c % nm[1] == 0:
             g = slice(c, c + nm[1])
-            xs = _all_kept(acc[g], v[g], rs[g, g])
+            xs = _all_kept(acc[g], v[g], rs[g, g], inv[g])
             sal = [jnp.where(ban[c + i], -jnp.inf, ((f[c + i] - x) * rs[c + i, c + i]) ** 2)
                    for i, x in enumerate(xs)]
             chosen = nm_mask(jnp.stack(sal, axis=1), nm[0], nm[1], axis=1)
             keep[g] = [chosen[:, i] for i in range(nm[1])]
         ss.append(acc[c])
-        z = jnp.where(keep[c], (v[c] - acc[c]) / rs[c, c], f[c])
+        z = jnp.where(keep[c], (v[c] - acc[c]) * inv[c], f[c])
         zs.append(z)
         for c2 in range(c + 1, len(acc)):
             acc[c2] = acc[c2] + rs[c, c2] * z
@@ -389,6 +391,7 @@ def _block(plan, r, r_inv, f, v, keep, count, ban, acc):
         x = jnp.matmul(r_inv.T, v - acc, precision=_HI)
         keep = _top(_saliency(f, x, jnp.diagonal(r), ban), count, plan.rowwise)
     r_cols = r.T  # a small block: rows of R_bb^T are its columns
+    inv_diag = 1.0 / jnp.diagonal(r)
 
     def sub_block(i, carry):
         z, s, kept = carry
@@ -396,12 +399,12 @@ def _block(plan, r, r_inv, f, v, keep, count, ban, acc):
         cut = lambda a: lax.dynamic_slice_in_dim(a, c0, plan.sub)
         rs = lax.dynamic_slice(r, (c0, c0), (plan.sub, plan.sub))
         a = cut(acc) + jnp.matmul(cut(r_cols), z, precision=_HI)  # z = 0 right of c0
-        fs, vs, ks, bs = cut(f), cut(v), cut(kept), cut(ban)
+        fs, vs, ks, bs, inv = cut(f), cut(v), cut(kept), cut(ban), cut(inv_diag)
         if plan.select == "fresh":  # same count, chosen from the values reached now
-            xs = jnp.stack(_all_kept(a, vs, rs))
+            xs = jnp.stack(_all_kept(a, vs, rs, inv))
             n_keep = jnp.sum(ks, axis=0) if plan.rowwise else jnp.sum(ks)
             ks = _top(_saliency(fs, xs, jnp.diagonal(rs), bs), n_keep, plan.rowwise)
-        zs, ss, ks = _columns(a, fs, vs, ks, rs, bs, plan.nm)
+        zs, ss, ks = _columns(a, fs, vs, ks, rs, inv, bs, plan.nm)
         put = lambda x, y: lax.dynamic_update_slice_in_dim(x, jnp.stack(y), c0, 0)
         return put(z, zs), put(s, ss) if plan.want_s else s, put(kept, ks)
 
@@ -514,7 +517,12 @@ def _factor_retry(h, dead, block):
     return lax.while_loop(failed, attempt, (first, jnp.ones((), jnp.int32)))[0]
 
 
-_factor_once = _jit(_factor_arrays, static_argnames=("block",))
+def _factor_checked(h, dead, block):
+    fac = _factor_arrays(h, dead, block, 0.0)
+    return fac, _factor_ok(fac)
+
+
+_factor_once = _jit(_factor_checked, static_argnames=("block",))
 _factor_retry_jit = _jit(_factor_retry, static_argnames=("block",))
 
 
@@ -522,12 +530,11 @@ def _factor(h, dead, block) -> _Factor:
     """The guarded factorization: plain first, jittered only if that failed (a NaN factor
     never reaches the sweep). Its own program, shared by every method of a layer shape."""
     if isinstance(h, jax.core.Tracer):  # inside a caller's jit: decide in the graph
-        plain = _factor_arrays(h, dead, block, 0.0)
-        return lax.cond(_factor_ok(plain), lambda: plain,
-                        lambda: _factor_retry(h, dead, block))
-    fac = _factor_once(h, dead, block, 0.0)
-    if not bool(_factor_ok(fac)):
-        fac = _factor_retry_jit(h, dead, block=block)
+        plain, ok = _factor_checked(h, dead, block)
+        return lax.cond(ok, lambda: plain, lambda: _factor_retry(h, dead, block))
+    fac, ok = _factor_once(h, dead, block)
+    if not bool(ok):
+        fac = _factor_retry_jit(h, dead, block)
     return fac
 
 

@@ -87,7 +87,23 @@ def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
 
     t = lax.fori_loop(0, nbits, bit, jnp.zeros((), keys.dtype))
     above, tie = keys > t, keys == t
-    return above | (tie & (jnp.cumsum(tie) <= k - jnp.sum(above)))
+    need = k - jnp.sum(above)
+    # Usually exactly the needed scores equal the threshold; otherwise keep the first ones.
+    first = lambda: tie & (jnp.arange(tie.shape[0]) < _first_count(tie, need))  # noqa: E731
+    return above | lax.cond(jnp.sum(tie) > need, first, lambda: tie)
+
+
+def _first_count(flags: jax.Array, need: jax.Array) -> jax.Array:
+    """The largest ``m`` with at most ``need`` True flags before index ``m`` (radix search;
+    a cumulative sum compiled to a slow and large program on CPU)."""
+    idx = jnp.arange(flags.shape[0])
+
+    def bit(i, m):
+        cand = m | (1 << (nbits - 1 - i))
+        return jnp.where(jnp.sum(flags & (idx < cand)) <= need, cand, m)
+
+    nbits = max(1, int(flags.shape[0]).bit_length())
+    return lax.fori_loop(0, nbits, bit, jnp.zeros((), idx.dtype))
 
 
 def _ordered_keys(scores: jax.Array) -> jax.Array:
