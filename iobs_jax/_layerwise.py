@@ -25,9 +25,11 @@ by SparseGPT, by I-OBS's mask selection and by the refit's preconditioned operat
 ``||E||^2 = ||y||^2 + ||E0_P + y K||^2`` over ``y = E_Q``, with ``E0`` SparseGPT's
 residual and ``K = R_QQ^{-1} R_QP``. The normal equations ``y (I + K K^T) = -E0_P K^T``
 are solved by conjugate gradients; ``y K`` is one forward sweep and ``u K^T`` one
-backward sweep, so CG is preconditioned by SparseGPT itself (on real layers 2-4
-iterations reach the exact refit's loss within 1-3%) and its loss is known exactly
-at every step, which is what the stopping rule watches.
+backward sweep, so CG is preconditioned by SparseGPT itself and its loss is known
+exactly at every step, which is what the stopping rule watches. Measured on
+all-MiniLM-L6-v2: 3 iterations come within 1% of the exact refit's loss on its 384-input
+layers, within ~20% on its 1536-input FFN output (condition number 3e4), where the
+refit reports that it stopped at its cap.
 """
 
 from __future__ import annotations
