@@ -68,15 +68,50 @@ def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
 def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
     """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``).
 
-    Ranks by a stable descending sort, so ties keep the lower index exactly as
-    ``lax.top_k`` does; ``O(d log d)`` instead of top-k's cost, used only when ``k``
-    varies at run time.
+    Finds the ``k``-th largest score by a radix search on order-preserving integer keys
+    (one counting pass per bit: ``O(32 d)`` for float32, no sort), then keeps everything
+    above it and, among the scores equal to it, the lowest indices, exactly as
+    ``lax.top_k`` breaks ties. A sort-based version cost ~45x more on a 400k-entry layer
+    block, enough to dominate SparseGPT's mask selection.
     """
-    order = jnp.argsort(-scores, stable=True)
-    ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(
-        jnp.arange(scores.shape[0], dtype=jnp.int32)
-    )
-    return ranks < k
+    keys = _ordered_keys(jnp.where(scores == 0, jnp.zeros_like(scores), scores))  # -0 == +0
+    # Materialize the keys once: XLA would otherwise fuse the producer of the scores
+    # into every counting pass (measured 2x slower for a saliency from a solve).
+    keys = lax.optimization_barrier(keys)
+    nbits = 8 * scores.dtype.itemsize
+    one = jnp.asarray(1, keys.dtype)
+
+    def bit(i, t):  # set bit i of the threshold if at least k keys reach it
+        cand = t | (one << (nbits - 1 - i).astype(keys.dtype))
+        return jnp.where(jnp.sum(keys >= cand) >= k, cand, t)
+
+    t = lax.fori_loop(0, nbits, bit, jnp.zeros((), keys.dtype))
+    above, tie = keys > t, keys == t
+    need = k - jnp.sum(above)
+    # Usually exactly the needed scores equal the threshold; otherwise keep the first ones.
+    first = lambda: tie & (jnp.arange(tie.shape[0]) < _first_count(tie, need))  # noqa: E731
+    return above | lax.cond(jnp.sum(tie) > need, first, lambda: tie)
+
+
+def _first_count(flags: jax.Array, need: jax.Array) -> jax.Array:
+    """The largest ``m`` with at most ``need`` True flags before index ``m`` (radix search;
+    a cumulative sum compiled to a slow and large program on CPU)."""
+    idx = jnp.arange(flags.shape[0])
+
+    def bit(i, m):
+        cand = m | (1 << (nbits - 1 - i))
+        return jnp.where(jnp.sum(flags & (idx < cand)) <= need, cand, m)
+
+    nbits = max(1, int(flags.shape[0]).bit_length())
+    return lax.fori_loop(0, nbits, bit, jnp.zeros((), idx.dtype))
+
+
+def _ordered_keys(scores: jax.Array) -> jax.Array:
+    """Unsigned integers ordered like the float ``scores`` (IEEE sign-magnitude flipped)."""
+    width = scores.dtype.itemsize
+    u = lax.bitcast_convert_type(scores, {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[width])
+    top = jnp.asarray(1, u.dtype) << (8 * width - 1)
+    return jnp.where((u & top) != 0, ~u, u | top)
 
 
 def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
