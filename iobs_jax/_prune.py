@@ -178,10 +178,11 @@ def prune(
     over the model; otherwise all maps use the dense model's activations.
 
     Methods: ``"magnitude"``; ``"wanda"`` (``|w| * ||x||``, per row); ``"sparsegpt"``
-    (blocked, lazy updates, ``blocksize``); ``"obc"`` (exact greedy OBS per row,
-    ``O(rows * cols^3)``: small layers only); ``"iobs"`` (default: OBS-saliency mask
-    ``w^2 / [H^{-1}]_jj`` over the layer (``scope="layer"``) or per row (``"row"``),
-    exact OBS refit on the support; ``rounds > 1`` reaches the support in rounds;
+    (blocked, lazy updates, ``blocksize`` columns per block); ``"obc"`` (exact greedy OBS
+    per row, ``O(rows * cols^3)``: small layers only); ``"iobs"`` (default: the mask from
+    a sequential OBS column sweep over blocks of ``blocksize`` columns, counted over the
+    layer (``scope="layer"``) or per row (``"row"``), then the OBS refit on the support
+    (see :func:`iobs_jax.layerwise.iobs`); ``rounds > 1`` reaches the support in rounds;
     ``iterations > 1`` repeats the I-OBS step with ``step_size`` and keeps the iterate
     with the lowest loss on the last ``holdout_batches`` batches).
 
@@ -504,22 +505,26 @@ def _progress(total: int, progress: bool | None):
 
 
 def _run_method(o: PruneOptions, w0, st: lw.LayerStats, sparsity: float, val_stats):
+    """``(W, mask, info)`` of one problem; ``info`` is the method's own report (dead
+    inputs, jitter added to ``H``, I-OBS refit convergence) for :class:`LayerReport`."""
     hd = lw.damp_hessian(st.h, o.damping)
     if o.method == "magnitude":
-        return (*lw.magnitude(w0, hd, sparsity, o.scope, o.nm), {})
+        return lw.magnitude(w0, hd, sparsity, o.scope, o.nm, return_info=True)
     if o.method == "wanda":
-        return (*lw.wanda(w0, st.h, sparsity, o.scope, o.nm), {})
+        return lw.wanda(w0, st.h, sparsity, o.scope, o.nm, return_info=True)
     val_loss = None
     if val_stats is not None:
         val_loss = functools.partial(lw.target_loss, w0=w0, stats=val_stats)
     if st.cross is not None:  # dense-model targets: reconstruct W~ = W0 C H^{-1}
         w0 = lw.dense_target(w0, st, hd)
     if o.method == "sparsegpt":
-        return (*lw.sparsegpt(w0, hd, sparsity, o.nm, min(o.blocksize, w0.shape[1])), {})
+        return lw.sparsegpt(w0, hd, sparsity, o.nm, min(o.blocksize, w0.shape[1]),
+                            return_info=True)
     if o.method == "obc":
-        return (*lw.obc(w0, hd, sparsity), {})
-    return (*lw.iobs(w0, hd, sparsity, o.scope, o.nm, rounds=o.rounds,
-                     iterations=o.iterations, step_size=o.step_size, val_loss=val_loss), {})
+        return lw.obc(w0, hd, sparsity, return_info=True)
+    return lw.iobs(w0, hd, sparsity, o.scope, o.nm, rounds=o.rounds,
+                   iterations=o.iterations, step_size=o.step_size, val_loss=val_loss,
+                   blocksize=min(o.blocksize, w0.shape[1]), return_info=True)
 
 
 @jax.jit
