@@ -182,7 +182,7 @@ def prune(
     per row, ``O(rows * cols^3)``: small layers only); ``"iobs"`` (default: the mask from
     a sequential OBS column sweep over blocks of ``blocksize`` columns, counted over the
     layer (``scope="layer"``) or per row (``"row"``), then the OBS refit on the support
-    (see :func:`iobs_jax.layerwise.iobs`); ``rounds > 1`` reaches the support in rounds;
+    (``iobs_jax._layerwise.iobs``); ``rounds > 1`` reaches the support in rounds;
     ``iterations > 1`` repeats the I-OBS step with ``step_size`` and keeps the iterate
     with the lowest loss on the last ``holdout_batches`` batches).
 
