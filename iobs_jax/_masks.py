@@ -65,18 +65,94 @@ def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
     return jnp.zeros((size,), bool).at[idx].set(True)
 
 
-def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
-    """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``).
+def _order_keys(scores: jax.Array) -> jax.Array:
+    """Unsigned integers ordered exactly like the float ``scores`` (NaN lowest, ``-0 == +0``).
 
-    Ranks by a stable descending sort, so ties keep the lower index exactly as
-    ``lax.top_k`` does; ``O(d log d)`` instead of top-k's cost, used only when ``k``
-    varies at run time.
+    The IEEE bit pattern of a non-negative float grows with its value; a negative one
+    shrinks. Setting the sign bit of non-negatives and flipping every bit of negatives
+    gives one unsigned order for all values, so a threshold can be searched on integers
+    with an exact answer in ``nbits`` halvings. 16-bit scores are ranked in float32.
     """
-    order = jnp.argsort(-scores, stable=True)
-    ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(
-        jnp.arange(scores.shape[0], dtype=jnp.int32)
-    )
-    return ranks < k
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    scores = jnp.where(scores == 0, jnp.zeros_like(scores), scores)  # -0.0 ties with +0.0
+    bits = jnp.finfo(scores.dtype).bits
+    utype = jnp.uint64 if bits == 64 else jnp.uint32
+    u = lax.bitcast_convert_type(scores, utype)
+    top = jnp.asarray(1, utype) << (bits - 1)
+    return jnp.where(u >= top, ~u, u | top)
+
+
+def _flat_positions(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """Row-major flat index of every entry of a leaf, plus ``offset`` (int32).
+
+    Built from broadcasted iotas rather than ``arange(size).reshape``: each device makes
+    its own shard of it, so nothing of full size exists under sharding.
+    """
+    pos = jnp.full(shape, offset, jnp.int32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        pos = pos + stride * lax.broadcasted_iota(jnp.int32, shape, axis)
+        stride *= shape[axis]
+    return pos
+
+
+def _count(leaves, predicate) -> jax.Array:
+    # One int32 per leaf, summed: under sharding each is a local count plus an all-reduce.
+    return sum(jnp.sum(predicate(i, x), dtype=jnp.int32) for i, x in enumerate(leaves))
+
+
+def _topk_mask_leaves(scores: list[jax.Array], k: Any) -> list[jax.Array]:
+    """Masks of the ``k`` largest entries over a list of score arrays, by threshold search.
+
+    The same answer as :func:`_topk_mask_flat` on the concatenated scores (exactly
+    ``k`` True, ties to the lower flat index, earlier leaves first), but nothing is
+    concatenated or sorted: the ``k``-th largest value ``tau`` is found by bisection on
+    the order keys of :func:`_order_keys` (``nbits`` counting passes), and when more
+    entries tie at ``tau`` than are needed, the cut among them is found by a second
+    bisection on the flat index (``log2(d)`` passes, skipped without ties). Every pass
+    is an elementwise comparison and a sum, so with sharded scores each device counts
+    its shard and only scalars cross devices (the global top-k of sharded parameters
+    without gathering them). ``k`` may be traced (a sparsity schedule); it is clipped
+    to ``[0, d]``; NaN scores rank lowest.
+    """
+    work = jnp.promote_types(jnp.result_type(*scores), jnp.float32)
+    keys = [_order_keys(jnp.asarray(s, work)) for s in scores]
+    sizes = [int(np.prod(x.shape, dtype=np.int64)) for x in keys]
+    total = sum(sizes)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
+    utype = keys[0].dtype
+    nbits = jnp.iinfo(utype).bits
+
+    def halve(_, bounds):
+        # Invariant: count(key >= lo) >= k > count(key >= hi + 1).
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + gap // 2 + (gap & 1)
+        ok = _count(keys, lambda _, x: x >= mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    start = (jnp.zeros((), utype), jnp.asarray(np.iinfo(utype).max, utype))
+    tau = lax.fori_loop(0, nbits, halve, start)[0]
+    need = k - _count(keys, lambda _, x: x > tau)
+    ties = _count(keys, lambda _, x: x == tau)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    positions = [_flat_positions(x.shape, int(o)) for x, o in zip(keys, offsets, strict=True)]
+
+    def cut():
+        # The smallest j with count(tied and position < j) >= need.
+        def halve_index(_, bounds):
+            lo, hi = bounds
+            mid = (lo + hi) // 2
+            ok = _count(keys, lambda i, x: (x == tau) & (positions[i] < mid)) >= need
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+        steps = max(1, int(np.ceil(np.log2(total + 1))))
+        return lax.fori_loop(0, steps, halve_index, (jnp.int32(0), jnp.int32(total)))[1]
+
+    limit = lax.cond(ties > need, cut, lambda: jnp.int32(total))
+    return [jnp.where(k > 0, (x > tau) | ((x == tau) & (p < limit)), False)
+            for x, p in zip(keys, positions, strict=True)]
 
 
 def topk_mask(scores: Any, k: int) -> Any:
