@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._curvature import OperatorCurvature, WoodburyCurvature, highest_precision, \
-    tree_mean_diag
+from ._curvature import OperatorCurvature, WoodburyCurvature, highest_precision, tree_mean_diag
 from ._obs import saliency_rank
 from ._sparsity import Projector
 from ._transforms import (
@@ -127,13 +126,14 @@ def obs_projection(
                   grads=None, **_extra):
         _need_params(params, "obs_projection")
         floats, where, rebuild = _float_leaves(params)
-        steps = [jax.tree.leaves(updates)[i].astype(p.dtype) for i, p in zip(where, floats)]
+        leaves = jax.tree.leaves(updates)
+        steps = [leaves[i].astype(p.dtype) for i, p in zip(where, floats, strict=True)]
         target = [p + u for p, u in zip(floats, steps, strict=True)]
         extra = dict(per_example_grads=per_example_grads, loss_fn=loss_fn, grads=grads,
                      where=where, rebuild=rebuild, steps=steps)
         curv, scores, diagonal = build(floats, target, state, extra, **options)
-        masks, bad = proj.masks(rebuild(scores, fill="ones"), state.masks, state.count,
-                                like=params)
+        masks, bad = proj.masks(lambda: rebuild(scores(), fill="ones"), state.masks,
+                                state.count, like=params)
         out = jax.tree.leaves(updates)
         for i, n, p in zip(where, _apply_masks(target, masks, where, curv), floats,
                            strict=True):
@@ -180,8 +180,8 @@ def _fisher_curvature(floats, target, state, extra, *, damping, relative, **_):
     rows = fisher_rows(extra["per_example_grads"], extra["where"], floats)
     lam = damping * WoodburyCurvature(rows, 0.0).mean_diag() if relative else damping
     curv = WoodburyCurvature(rows, lam)
-    scores = [saliency_rank(x, g) for x, g in zip(target, curv.inverse_diag(), strict=True)]
-    return curv, scores, None
+    return curv, lambda: [saliency_rank(x, g) for x, g in
+                          zip(target, curv.inverse_diag(), strict=True)], None
 
 
 def _hvp_curvature(floats, target, state, extra, *, damping, relative, cg_tol, cg_maxiter,
@@ -194,13 +194,13 @@ def _hvp_curvature(floats, target, state, extra, *, damping, relative, cg_tol, c
     curv = OperatorCurvature(op, sum(p.size for p in floats), floats[0].dtype, lam,
                              cg_tol=cg_tol, cg_maxiter=cg_maxiter,
                              truncate=True)  # network Hessians are indefinite: Newton-CG
-    return curv, [jnp.abs(x) for x in target], None
+    return curv, lambda: [jnp.abs(x) for x in target], None
 
 
 def _diagonal_curvature(floats, target, state, extra, *, damping, relative, decay, **_):
     source = extra["steps"] if extra["grads"] is None else [
         jax.tree.leaves(extra["grads"])[i].astype(p.dtype)
-        for i, p in zip(extra["where"], floats)]
+        for i, p in zip(extra["where"], floats, strict=True)]
     diagonal = [decay * v + (1 - decay) * jnp.square(g)
                 for v, g in zip(state.diagonal, source, strict=True)]
     t = state.count.astype(jnp.float32) + 1
@@ -211,8 +211,8 @@ def _diagonal_curvature(floats, target, state, extra, *, damping, relative, deca
         lam = jnp.where(mean > 0, damping * mean, 1.0)
     else:
         lam = damping
-    scores = [saliency_rank(x, 1.0 / (c + lam)) for x, c in zip(target, v, strict=True)]
-    return None, scores, diagonal
+    return None, lambda: [saliency_rank(x, 1.0 / (c + lam))
+                          for x, c in zip(target, v, strict=True)], diagonal
 
 
 # ------------------------------------------------------------------ STE and one-shot

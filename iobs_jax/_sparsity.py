@@ -345,15 +345,18 @@ class Projector:
         steps, else ``old_masks``. ``bad``: the schedule's sparsity is NaN or outside
         ``[0, 1)`` at a mask-update step; the old masks are kept then (pruning everything
         or nothing is never what a schedule meant). ``like``: the params, whose leaves
-        the filter sees (default: ``scores``)."""
-        chosen = self.chosen(scores if like is None else like)
+        the filter sees (default: ``scores``). ``scores`` may be a function returning
+        them: then they are computed only at mask updates (an OBS saliency needs the
+        inverse curvature's diagonal, which the projection itself does not)."""
+        thunk = scores if callable(scores) else (lambda: scores)
+        chosen = self.chosen(like if like is not None else scores)
         due = count % self.every == 0
         s, bad = self.sparsity_at(count)
         bad = due & bad
         if self.every == 1 and not callable(self.sparsity):
-            return self.fresh(scores, s, chosen), bad
-        # Between mask updates skip the selection entirely.
-        new = jax.lax.cond(due & ~bad, lambda: self.fresh(scores, s, chosen),
+            return self.fresh(thunk(), s, chosen), bad
+        # Between mask updates skip the scores and the selection entirely.
+        new = jax.lax.cond(due & ~bad, lambda: self.fresh(thunk(), s, chosen),
                            lambda: old_masks)
         return new, bad
 

@@ -313,10 +313,11 @@ def _per_example_rows(per_example, where, floats):
     if leaves is None or any(jnp.shape(g)[1:] != jnp.shape(p) for g, p in
                              zip(leaves, floats, strict=True)) or \
             len({jnp.shape(g)[0] for g in leaves}) != 1:
+        got = [jnp.shape(g) for g in jax.tree.leaves(per_example)]
         raise ValueError("per_example_grads must be a pytree like params with a leading "
                          "example axis (jax.vmap(jax.grad(loss), (None, 0))(params, batch)); "
-                         f"got leaves of shapes {[jnp.shape(g) for g in jax.tree.leaves(per_example)]} "
-                         f"for parameters of shapes {[jnp.shape(p) for p in floats]}.")
+                         f"got leaves of shapes {got} for parameters of shapes "
+                         f"{[jnp.shape(p) for p in floats]}.")
     return leaves
 
 

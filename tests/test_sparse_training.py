@@ -58,13 +58,13 @@ def expected_kept(s, pattern, distribution):
         return [np.prod(sh) // 2 for sh in SHAPES]
     if pattern == "channel":
         sizes = [sh[-1] for sh in SHAPES]
-        return [(g - round(s * g)) * sh[0] for g, sh in zip(sizes, SHAPES)]
+        return [(g - round(s * g)) * sh[0] for g, sh in zip(sizes, SHAPES, strict=True)]
     groups = [np.prod(sh) // group for sh in SHAPES]
     if distribution == "global":
         total = sum(groups)
         return [(total - round(s * total)) * group]  # one number: the total
     dens = np_erk(s, SHAPES) if distribution == "erk" else np.full(2, 1 - s)
-    return [(g - round((1 - d) * g)) * group for g, d in zip(groups, dens)]
+    return [(g - round((1 - d) * g)) * group for g, d in zip(groups, dens, strict=True)]
 
 
 # ------------------------------------------------------------------ the threshold top-k
@@ -362,7 +362,7 @@ def test_rigl_cosine_drop_fraction_and_no_updates_after_end():
         params = optax.apply_updates(params, updates)
         masks.append(state.masks)
     same = [all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks[t]),
-                                                     jax.tree.leaves(masks[t + 1])))
+                                                     jax.tree.leaves(masks[t + 1]), strict=True))
             for t in range(8)]
     assert same[4:] == [True] * 4  # count >= end_step: the topology is frozen
     assert not same[2]  # count 2 rewires (drop fraction 0.15 of 16 and 8)
@@ -469,3 +469,14 @@ def test_regex_filter_and_misuse_errors():
         tx.update(params, tx.init(params), params)
     with pytest.raises(ValueError, match="exactly one"):
         iox.masked_params(params, optax.sgd(0.1).init(params))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from iobs_jax import _dynamic_sparse, _sparse_training, _transforms
+
+    with jax.enable_x64(False):  # the examples show float32 outputs
+        for module in (_sparse_training, _dynamic_sparse, _transforms):
+            result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+            assert result.attempted > 0 and result.failed == 0, module.__name__
