@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve
 
@@ -45,6 +46,7 @@ from ._validation import (
 __all__ = [
     "DenseCurvature",
     "OperatorCurvature",
+    "WoodburyCurvature",
     "hvp",
     "dense_hessian",
     "newton_direction",
@@ -207,7 +209,9 @@ class OperatorCurvature:
     it still converges on consistent systems (gradients of least squares are). An
     indefinite ``H`` gives NaN solutions (see :func:`conjugate_gradient`), unless
     ``truncate=True``: truncated Newton-CG, which stops at negative curvature (a gradient
-    step if that is the first direction; no correction for masked solves).
+    step if that is the first direction; no correction for masked solves). ``matvec``,
+    ``solve`` and ``masked_solve`` also take pytree vectors when ``matvec`` does (CG
+    reduces leaf by leaf; ``dtype`` is then the leaves' dtype).
     """
 
     def __init__(
@@ -229,8 +233,8 @@ class OperatorCurvature:
         self.cg_tol = cg_tol
         self.cg_maxiter = cg_maxiter
 
-    def matvec(self, v: jax.Array) -> jax.Array:
-        return self._op(v) + self.damping * v
+    def matvec(self, v: Any) -> Any:
+        return jax.tree.map(lambda hv, x: hv + self.damping * x, self._op(v), v)
 
     def _cg(self, op, b, x0=None, fallback="zero"):
         maxiter = 10 * self.size if self.cg_maxiter is None else self.cg_maxiter
@@ -245,10 +249,13 @@ class OperatorCurvature:
         x0: jax.Array | None = None,
     ) -> jax.Array:
         # CG works with the masked operator whatever the support size; ``size`` is
-        # accepted for interface compatibility with DenseCurvature.
-        m = mask.astype(self.dtype)
-        op = lambda v: m * self.matvec(m * v) + (1.0 - m) * v
-        return self._cg(op, b * m, None if x0 is None else x0 * m) * m
+        # accepted for interface compatibility with DenseCurvature. Vectors may be
+        # pytrees (``mask`` then one like them): nothing is raveled.
+        m = jax.tree.map(lambda k, x: k.astype(x.dtype), mask, b)
+        mul = lambda a, c: jax.tree.map(jnp.multiply, a, c)
+        op = lambda v: jax.tree.map(lambda k, av, x: k * av + (1.0 - k) * x, m,
+                                    self.matvec(mul(m, v)), v)
+        return mul(self._cg(op, mul(b, m), None if x0 is None else mul(x0, m)), m)
 
     def mean_diag(self, num_probes: int = 16) -> jax.Array:
         """Hutchinson estimate ``mean_j v_j^T A v_j / d`` with fixed +-1 probes."""
@@ -265,7 +272,106 @@ class OperatorCurvature:
     inverse_diag = inverse
 
 
-Curvature = DenseCurvature | OperatorCurvature
+class WoodburyCurvature:
+    """Low rank plus diagonal: ``C = U^T U + damping I``, solved by the Woodbury identity.
+
+    ``rows`` holds the ``m`` rows of ``U`` as a pytree whose leaves have a leading axis of
+    length ``m`` (row ``i`` is a pytree like the vectors ``C`` acts on: for an empirical
+    Fisher ``F = G^T G / m``, the per-example gradients divided by ``sqrt(m)``). With
+    ``K = damping I_m + U U^T`` (``m x m``),
+
+        C^{-1} b      = (b - U^T K^{-1} U b) / damping
+        diag(C^{-1})  = (1 - sum_i U_ij [K^{-1} U]_ij) / damping
+        C_QQ^{-1} b_Q = the same with U restricted to the columns Q,
+
+    ``O(m^2 d)`` work and ``O(m d)`` memory. Every product contracts leaf by leaf, so
+    with sharded leaves each device works on its shards and only ``m``-vectors and the
+    ``(m, m)`` Gram matrix cross devices. ``mean_diag()`` is ``sum(U**2) / d + damping``.
+    """
+
+    def __init__(self, rows: Any, damping: Any):
+        self.rows = rows
+        leaves = jax.tree.leaves(rows)
+        self.m = leaves[0].shape[0]
+        self.dtype = leaves[0].dtype
+        self.size = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+        self.damping = jnp.asarray(damping, self.dtype)
+
+    def _u(self, v: Any, rows: Any = None) -> jax.Array:
+        """``U v``: an ``m``-vector."""
+        rows = self.rows if rows is None else rows
+        parts = [jnp.tensordot(r, x, axes=x.ndim)
+                 for r, x in zip(jax.tree.leaves(rows), jax.tree.leaves(v), strict=True)]
+        return functools.reduce(jnp.add, parts)
+
+    def _ut(self, c: jax.Array, rows: Any = None) -> Any:
+        """``U^T c``: a vector (pytree like one row)."""
+        return jax.tree.map(lambda r: jnp.tensordot(c, r, axes=1),
+                            self.rows if rows is None else rows)
+
+    def _small(self, rows: Any) -> tuple[jax.Array, bool]:
+        gram = functools.reduce(jnp.add, [
+            jnp.tensordot(r, r, axes=(list(range(1, r.ndim)),) * 2)
+            for r in jax.tree.leaves(rows)])
+        return jax.scipy.linalg.cho_factor(gram + self.damping * jnp.eye(self.m,
+                                                                           dtype=self.dtype))
+
+    def _woodbury(self, rows: Any, b: Any) -> Any:
+        c = jax.scipy.linalg.cho_solve(self._small(rows), self._u(b, rows))
+        return jax.tree.map(lambda bi, ui: (bi - ui) / self.damping, b, self._ut(c, rows))
+
+    def matvec(self, v: Any) -> Any:
+        return jax.tree.map(lambda a, x: a + self.damping * x, self._ut(self._u(v)), v)
+
+    def solve(self, b: Any) -> Any:
+        return self._woodbury(self.rows, b)
+
+    def inverse_diag(self) -> Any:
+        kinv = jax.scipy.linalg.cho_solve(self._small(self.rows),
+                                          jnp.eye(self.m, dtype=self.dtype))
+        return jax.tree.map(
+            lambda r: (1.0 - jnp.sum(r * jnp.tensordot(kinv, r, axes=1), axis=0))
+            / self.damping, self.rows)
+
+    def masked_solve(self, mask: Any, b: Any, size: int | None = None) -> Any:
+        # Restricted to Q the curvature is U_Q^T U_Q + damping I: Woodbury on masked U.
+        m = jax.tree.map(lambda k, x: k.astype(x.dtype), mask, b)
+        rows = jax.tree.map(lambda r, k: r * k[None], self.rows, m)
+        z = self._woodbury(rows, jax.tree.map(jnp.multiply, b, m))
+        return jax.tree.map(jnp.multiply, z, m)
+
+    def mean_diag(self) -> jax.Array:
+        total = functools.reduce(jnp.add, [jnp.sum(jnp.square(r))
+                                           for r in jax.tree.leaves(self.rows)])
+        return total / self.size + self.damping
+
+
+def tree_mean_diag(matvec: Callable[[Any], Any], like: Any, num_probes: int = 4) -> jax.Array:
+    """Hutchinson estimate of ``trace(A) / d`` for ``A = matvec`` on pytree vectors like
+    ``like``, with the fixed +-1 probes of :func:`_sign_probes` laid over the leaves."""
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = [int(np.prod(x.shape, dtype=np.int64)) for x in leaves]
+    total = jnp.zeros((), leaves[0].dtype)
+    for j in range(num_probes):
+        probe, start = [], 0
+        for x, n in zip(leaves, sizes, strict=True):
+            probe.append(_sign_values(start + _positions(x.shape), j, x.dtype))
+            start += n
+        v = jax.tree.unflatten(treedef, probe)
+        total = total + _vdot(v, matvec(v))
+    return total / (num_probes * sum(sizes))
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    pos = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        pos = pos + jnp.uint32(stride) * jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+        stride *= shape[axis]
+    return pos
+
+
+Curvature = DenseCurvature | OperatorCurvature | WoodburyCurvature
 
 
 def conjugate_gradient(
@@ -309,15 +415,17 @@ def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Arr
     ``truncate="gradient"`` or ``"zero"``: truncated Newton-CG instead of failing (Nocedal
     & Wright, Algorithm 7.1): at a direction of negative curvature stop with the current
     iterate, or, on the first iteration, with ``b`` itself (a gradient step) or zero.
-    A non-finite ``op`` still gives NaN.
+    A non-finite ``op`` still gives NaN. ``b`` (and ``x0``, ``op``'s argument and value) may
+    be a pytree of arrays: inner products sum over leaves, nothing is raveled.
     """
-    dtype = b.dtype
+    tm = jax.tree.map
+    dtype = jax.tree.leaves(b)[0].dtype
     eps = jnp.finfo(dtype).eps
     tol_eff = jnp.maximum(jnp.asarray(tol, dtype), 10 * eps)
-    stop2 = (tol_eff**2) * jnp.vdot(b, b)
-    x = jnp.zeros_like(b) if x0 is None else x0
-    r = b - op(x) if x0 is not None else b
-    rs = jnp.vdot(r, r)
+    stop2 = (tol_eff**2) * _vdot(b, b)
+    x = tm(jnp.zeros_like, b) if x0 is None else x0
+    r = tm(jnp.subtract, b, op(x)) if x0 is not None else b
+    rs = _vdot(r, r)
 
     def cond(carry):
         i, _, _, _, rs, done, _ = carry
@@ -326,31 +434,45 @@ def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Arr
     def body(carry):
         i, x, r, p, rs, _, top = carry
         ap = op(p)
-        pap = jnp.vdot(p, ap)
+        pap = _vdot(p, ap)
         # The largest ||A p|| / ||p|| seen: the operator's scale, to tell a null-space
         # direction (A p ~ 0, fine for a singular PSD op) from a non-PSD one.
-        norm_p, norm_ap = jnp.linalg.norm(p), jnp.linalg.norm(ap)
+        norm_p, norm_ap = _norm(p), _norm(ap)
         top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
         # p^T A p <= 0 with A p clearly nonzero cannot happen for a PSD A (there
         # p^T A p >= ||A p||^2 / lambda_max), even with round-off, in any precision.
         ok = pap > 0
         negative = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
-        x = x + alpha * p
+        x = tm(lambda xi, pi: xi + alpha * pi, x, p)
         if truncate == "gradient":
-            x = jnp.where(negative & (i == 0), b, x)
+            x = tm(lambda xi, bi: jnp.where(negative & (i == 0), bi, xi), x, b)
         elif truncate is None:
-            x = jnp.where(negative, jnp.nan, x)
-        x = jnp.where(jnp.isfinite(pap), x, jnp.nan)
-        r = r - alpha * ap
-        rs_new = jnp.vdot(r, r)
+            x = tm(lambda xi: jnp.where(negative, jnp.nan, xi), x)
+        x = tm(lambda xi: jnp.where(jnp.isfinite(pap), xi, jnp.nan), x)
+        r = tm(lambda ri, api: ri - alpha * api, r, ap)
+        rs_new = _vdot(r, r)
         beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
-        return i + 1, x, r, r + beta * p, rs_new, ~ok, top
+        return i + 1, x, r, tm(lambda ri, pi: ri + beta * pi, r, p), rs_new, ~ok, top
 
     init = (0, x, r, r, rs, jnp.array(False), jnp.zeros((), dtype))
     _, x, *_ = jax.lax.while_loop(cond, body, init)
     # A non-finite right-hand side (or op(x0)) stops the loop at once: not a solution.
-    return jnp.where(jnp.isfinite(rs), x, jnp.nan)
+    return tm(lambda xi: jnp.where(jnp.isfinite(rs), xi, jnp.nan), x)
+
+
+def _vdot(a: Any, b: Any) -> jax.Array:
+    """``<a, b>`` of two arrays or pytrees of arrays (a sum of per-leaf dot products)."""
+    parts = [jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                            strict=True)]
+    return functools.reduce(jnp.add, parts)
+
+
+def _norm(a: Any) -> jax.Array:
+    leaves = jax.tree.leaves(a)
+    if len(leaves) == 1:
+        return jnp.linalg.norm(leaves[0])
+    return jnp.sqrt(functools.reduce(jnp.add, [jnp.vdot(x, x) for x in leaves]))
 
 
 def _sign_probes(size: int, num: int, dtype: Any) -> jax.Array:
@@ -360,8 +482,12 @@ def _sign_probes(size: int, num: int, dtype: Any) -> jax.Array:
     key, and the same problem must give the same step size every time.
     """
     i = jnp.arange(size, dtype=jnp.uint32)[None, :]
-    j = jnp.arange(num, dtype=jnp.uint32)[:, None]
-    h = (i * jnp.uint32(2654435761)) ^ ((j + jnp.uint32(1)) * jnp.uint32(2246822519))
+    return jnp.stack([_sign_values(i[0], j, dtype) for j in range(num)])
+
+
+def _sign_values(i: jax.Array, j: int, dtype: Any) -> jax.Array:
+    """Probe ``j``'s +-1 at the (uint32) indices ``i``."""
+    h = (i * jnp.uint32(2654435761)) ^ (jnp.uint32(j + 1) * jnp.uint32(2246822519))
     h = h ^ (h >> jnp.uint32(15))
     h = h * jnp.uint32(2654435769)
     h = h ^ (h >> jnp.uint32(13))

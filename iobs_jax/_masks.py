@@ -65,61 +65,111 @@ def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
     return jnp.zeros((size,), bool).at[idx].set(True)
 
 
-def _topk_mask_dynamic(scores: jax.Array, k: jax.Array) -> jax.Array:
-    """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``).
+def _order_keys(scores: jax.Array) -> jax.Array:
+    """Unsigned integers ordered exactly like the float ``scores`` (NaN lowest, ``-0 == +0``).
 
-    Finds the ``k``-th largest score by a radix search on order-preserving integer keys
-    (one counting pass per bit: ``O(32 d)`` for float32, no sort), then keeps everything
-    above it and, among the scores equal to it, the lowest indices, exactly as
-    ``lax.top_k`` breaks ties. A sort-based version cost ~45x more on a 400k-entry layer
-    block, enough to dominate SparseGPT's mask selection.
+    The IEEE bit pattern of a non-negative float grows with its value; a negative one
+    shrinks. Setting the sign bit of non-negatives and flipping every bit of negatives
+    gives one unsigned order for all values, so a threshold can be searched on integers
+    with an exact answer in ``nbits`` halvings. 16-bit scores are ranked in float32.
     """
-    keys = _ordered_keys(jnp.where(scores == 0, jnp.zeros_like(scores), scores))  # -0 == +0
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    scores = jnp.where(scores == 0, jnp.zeros_like(scores), scores)  # -0.0 ties with +0.0
+    bits = jnp.finfo(scores.dtype).bits
+    utype = jnp.uint64 if bits == 64 else jnp.uint32
+    u = lax.bitcast_convert_type(scores, utype)
+    top = jnp.asarray(1, utype) << (bits - 1)
+    return jnp.where(u >= top, ~u, u | top)
+
+
+def _flat_positions(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """Row-major flat index of every entry of a leaf, plus ``offset`` (int32).
+
+    Built from broadcasted iotas rather than ``arange(size).reshape``: each device makes
+    its own shard of it, so nothing of full size exists under sharding.
+    """
+    pos = jnp.full(shape, offset, jnp.int32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        pos = pos + stride * lax.broadcasted_iota(jnp.int32, shape, axis)
+        stride *= shape[axis]
+    return pos
+
+
+def _count(leaves, predicate) -> jax.Array:
+    # One int32 per leaf, summed: under sharding each is a local count plus an all-reduce.
+    return sum(jnp.sum(predicate(i, x), dtype=jnp.int32) for i, x in enumerate(leaves))
+
+
+def _topk_mask_leaves(scores: list[jax.Array], k: Any) -> list[jax.Array]:
+    """Masks of the ``k`` largest entries over a list of score arrays, by threshold search.
+
+    The same answer as :func:`_topk_mask_flat` on the concatenated scores (exactly
+    ``k`` True, ties to the lower flat index, earlier leaves first), but nothing is
+    concatenated or sorted: the ``k``-th largest value ``tau`` is found by bisection on
+    the order keys of :func:`_order_keys` (``nbits`` counting passes), and when more
+    entries tie at ``tau`` than are needed, the cut among them is found by a second
+    bisection on the flat index (``log2(d)`` passes, skipped without ties). Every pass
+    is an elementwise comparison and a sum, so with sharded scores each device counts
+    its shard and only scalars cross devices (the global top-k of sharded parameters
+    without gathering them). ``k`` may be traced (a sparsity schedule); it is clipped
+    to ``[0, d]``; NaN scores rank lowest.
+    """
+    work = jnp.promote_types(jnp.result_type(*scores), jnp.float32)
     # Materialize the keys once: XLA would otherwise fuse the producer of the scores
     # into every counting pass (measured 2x slower for a saliency from a solve).
-    keys = lax.optimization_barrier(keys)
-    nbits = 8 * scores.dtype.itemsize
-    one = jnp.asarray(1, keys.dtype)
+    keys = lax.optimization_barrier([_order_keys(jnp.asarray(s, work)) for s in scores])
+    sizes = [int(np.prod(x.shape, dtype=np.int64)) for x in keys]
+    total = sum(sizes)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
+    utype = keys[0].dtype
+    nbits = jnp.iinfo(utype).bits
 
-    def bit(i, t):  # set bit i of the threshold if at least k keys reach it
-        cand = t | (one << (nbits - 1 - i).astype(keys.dtype))
-        return jnp.where(jnp.sum(keys >= cand) >= k, cand, t)
+    def halve(_, bounds):
+        # Invariant: count(key >= lo) >= k > count(key >= hi + 1).
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + gap // 2 + (gap & 1)
+        ok = _count(keys, lambda _, x: x >= mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-    t = lax.fori_loop(0, nbits, bit, jnp.zeros((), keys.dtype))
-    above, tie = keys > t, keys == t
-    need = k - jnp.sum(above)
-    # Usually exactly the needed scores equal the threshold; otherwise keep the first ones.
-    first = lambda: tie & (jnp.arange(tie.shape[0]) < _first_count(tie, need))  # noqa: E731
-    return above | lax.cond(jnp.sum(tie) > need, first, lambda: tie)
+    start = (jnp.zeros((), utype), jnp.asarray(np.iinfo(utype).max, utype))
+    tau = lax.fori_loop(0, nbits, halve, start)[0]
+    need = k - _count(keys, lambda _, x: x > tau)
+    ties = _count(keys, lambda _, x: x == tau)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    positions = [_flat_positions(x.shape, int(o)) for x, o in zip(keys, offsets, strict=True)]
+
+    def cut():
+        # The smallest j with count(tied and position < j) >= need.
+        def halve_index(_, bounds):
+            lo, hi = bounds
+            mid = (lo + hi) // 2
+            ok = _count(keys, lambda i, x: (x == tau) & (positions[i] < mid)) >= need
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+        steps = max(1, int(np.ceil(np.log2(total + 1))))
+        return lax.fori_loop(0, steps, halve_index, (jnp.int32(0), jnp.int32(total)))[1]
+
+    limit = lax.cond(ties > need, cut, lambda: jnp.int32(total))
+    return [jnp.where(k > 0, (x > tau) | ((x == tau) & (p < limit)), False)
+            for x, p in zip(keys, positions, strict=True)]
 
 
-def _first_count(flags: jax.Array, need: jax.Array) -> jax.Array:
-    """The largest ``m`` with at most ``need`` True flags before index ``m`` (radix search;
-    a cumulative sum compiled to a slow and large program on CPU)."""
-    idx = jnp.arange(flags.shape[0])
-
-    def bit(i, m):
-        cand = m | (1 << (nbits - 1 - i))
-        return jnp.where(jnp.sum(flags & (idx < cand)) <= need, cand, m)
-
-    nbits = max(1, int(flags.shape[0]).bit_length())
-    return lax.fori_loop(0, nbits, bit, jnp.zeros((), idx.dtype))
-
-
-def _ordered_keys(scores: jax.Array) -> jax.Array:
-    """Unsigned integers ordered like the float ``scores`` (IEEE sign-magnitude flipped)."""
-    width = scores.dtype.itemsize
-    u = lax.bitcast_convert_type(scores, {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[width])
-    top = jnp.asarray(1, u.dtype) << (8 * width - 1)
-    return jnp.where((u & top) != 0, ~u, u | top)
+def _topk_mask_dynamic(scores: jax.Array, k: Any) -> jax.Array:
+    """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``): the
+    threshold search of :func:`_topk_mask_leaves` on one vector, no sort (a sort-based
+    version cost ~45x more on a 400k-entry layer block)."""
+    return _topk_mask_leaves([scores], k)[0]
 
 
 def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
     """:func:`_topk_mask_flat` for a static ``k``, :func:`_topk_mask_dynamic` for a traced one.
 
     The solvers' sparsity may be a traced value (``max_k`` set: sweeps compile one program
-    for every ``k``); both branches select the same entries for scores without ``-0.0``
-    (magnitudes and saliencies), so a traced ``k`` gives the static program's supports.
+    for every ``k``); both select the same entries (ties to the lower index), so a traced
+    ``k`` gives the static program's supports.
     """
     if isinstance(k, int | np.integer):
         return _topk_mask_flat(scores, int(k))

@@ -107,11 +107,13 @@ def project(
     Solved in correction form, ``theta = M theta~ + delta`` with
     ``A_QQ delta_Q = (A (theta~ * (1 - M)))_Q``, which keeps the answer accurate when the
     removed part is small (the usual case) and is exactly the H form above.
+    ``theta_tilde`` and ``mask`` may be pytrees when ``curv`` acts on pytrees (a
+    matrix-free or Woodbury curvature): the formula is applied leaf by leaf.
     """
-    m = mask.astype(theta_tilde.dtype)
-    removed = theta_tilde * (1.0 - m)
+    m = jax.tree.map(lambda k, t: k.astype(t.dtype), mask, theta_tilde)
+    removed = jax.tree.map(lambda t, k: t * (1.0 - k), theta_tilde, m)
     delta = curv.masked_solve(mask, curv.matvec(removed), size)
-    return theta_tilde * m + delta
+    return jax.tree.map(lambda t, k, z: t * k + z, theta_tilde, m, delta)
 
 
 def obs_project(

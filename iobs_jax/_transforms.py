@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
-from ._curvature import OperatorCurvature, highest_precision, hvp
-from ._masks import _topk_mask_dynamic, _topk_mask_flat, nm_mask
+from ._curvature import OperatorCurvature, WoodburyCurvature, highest_precision, hvp
 from ._obs import project, saliency_rank
+from ._sparsity import Projector, check_schedule_start, check_sparsity, is_float
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -60,8 +59,8 @@ def cubic_sparsity_schedule(
 
     Example: ``cubic_sparsity_schedule(0.9, 100, 1000)(1000)`` -> ``0.9``.
     """
-    _check_sparsity(final_sparsity)
-    _check_sparsity(initial_sparsity)
+    check_sparsity(final_sparsity, "final_sparsity")
+    check_sparsity(initial_sparsity, "initial_sparsity")
     if not 0 <= begin_step < end_step or frequency < 1:
         raise ValueError(f"need 0 <= begin_step < end_step and frequency >= 1; got "
                          f"{begin_step}, {end_step}, {frequency}.")
@@ -74,146 +73,8 @@ def cubic_sparsity_schedule(
     return schedule
 
 
-def _check_sparsity(s, name="sparsity"):
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1) or an Optax schedule; got {s!r}.")
-
-
-def _check_schedule_start(schedule, name):
-    """A schedule is checked where it can be, at step 0 (later steps are guarded inside
-    the update and counted in the state)."""
-    try:
-        value = schedule(jnp.zeros((), jnp.int32))
-    except Exception as err:  # re-raised naming the argument
-        raise TypeError(f"{name}: the schedule failed at step 0: {type(err).__name__}: "
-                        f"{err}") from err
-    arr = jnp.asarray(value)
-    if arr.shape != () or not jnp.issubdtype(arr.dtype, jnp.number):
-        raise TypeError(f"{name}: the schedule must return a scalar number; got {value!r}.")
-    return float(arr)
-
-
-def _is_float(leaf) -> bool:
-    return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-
-
-def _paths(tree):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
-    return names, [leaf for _, leaf in leaves], treedef
-
-
-def _selected(params, filter_fn):
-    names, leaves, _ = _paths(params)
-    if filter_fn is None:
-        chosen = [jnp.ndim(x) >= 2 and _is_float(x) for x in leaves]
-    else:
-        chosen = [bool(filter_fn(n, x)) for n, x in zip(names, leaves, strict=True)]
-    if not any(chosen):
-        raise ValueError(
-            f"the filter selects no parameter to sparsify; leaves are: {', '.join(names)} "
-            f"(default filter: floating leaves with 2 or more dimensions)."
-        )
-    for name, leaf, c in zip(names, leaves, chosen, strict=True):
-        if c and not _is_float(leaf):
-            raise TypeError(f"filter selects {name!r} of dtype {jnp.result_type(leaf)}; only "
-                            f"floating leaves can be sparsified (integer leaves are left as "
-                            f"they are).")
-    return chosen
-
-
-class _Projector:
-    """The shared projection rule: which leaves, how many kept, the pattern, when."""
-
-    def __init__(self, sparsity, per_leaf, filter_fn, pattern, update_every):
-        if callable(sparsity):
-            if pattern is not None:
-                raise ValueError("an N:M pattern fixes the sparsity; do not pass a schedule.")
-            start = _check_schedule_start(sparsity, "sparsity")
-            if not 0.0 <= start < 1.0:
-                raise ValueError(f"sparsity: the schedule gives {start} at step 0; it must "
-                                 f"return fractions in [0, 1).")
-        else:
-            _check_sparsity(sparsity)
-        if pattern is not None:
-            try:
-                n, m = (int(v) for v in (pattern.split(":") if isinstance(pattern, str)
-                                         else pattern))
-            except (TypeError, ValueError):
-                raise ValueError(f"pattern must be 'n:m' like '2:4'; got {pattern!r}.") from None
-            if not 0 < n < m:
-                raise ValueError(f"pattern n:m needs 0 < n < m; got {pattern!r}.")
-            pattern = (n, m)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or \
-                update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}.")
-        self.sparsity, self.per_leaf, self.filter = sparsity, bool(per_leaf), filter_fn
-        self.pattern, self.every = pattern, update_every
-
-    def init_masks(self, params):
-        chosen = _selected(params, self.filter)
-        if self.pattern is not None:
-            m = self.pattern[1]
-            names, leaves, _ = _paths(params)
-            for name, leaf, c in zip(names, leaves, chosen, strict=True):
-                if c and np.ndim(leaf) < 2:
-                    raise ValueError(f"pattern {self.pattern[0]}:{m} needs kernels (2+ dims); "
-                                     f"{name} has shape {np.shape(leaf)}.")
-                if c and np.shape(leaf)[-2] % m:
-                    raise ValueError(f"pattern {self.pattern[0]}:{m}: {name} has "
-                                     f"{np.shape(leaf)[-2]} inputs, not a multiple of {m}.")
-        return jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
-
-    def masks(self, scores, old_masks, count, like=None):
-        """``(masks, bad)``: new masks from ``scores`` (a pytree like params) at mask-update
-        steps, else ``old_masks``. ``bad``: the schedule's sparsity is NaN or outside
-        ``[0, 1)`` at a mask-update step; the old masks are kept then (pruning everything
-        or nothing is never what a schedule meant). ``like``: the params, whose leaves
-        the filter sees (default: ``scores``)."""
-        chosen = _selected(scores if like is None else like, self.filter)
-        due = count % self.every == 0
-        if not callable(self.sparsity):
-            if self.every == 1:
-                return self._fresh(scores, None, chosen), jnp.array(False)
-            # Between mask updates skip the selection entirely (a sort per step otherwise).
-            return jax.lax.cond(due, lambda: self._fresh(scores, None, chosen),
-                                lambda: old_masks), jnp.array(False)
-        s = jnp.asarray(self.sparsity(count), jnp.float32)
-        bad = due & ~(jnp.isfinite(s) & (s >= 0) & (s < 1))
-        safe = jnp.where(bad, 0.0, s)
-        new = jax.lax.cond(due & ~bad, lambda: self._fresh(scores, safe, chosen),
-                           lambda: old_masks)
-        return new, bad
-
-    def _fresh(self, scores, s, chosen):
-        names, leaves, treedef = _paths(scores)
-        picked = [x.astype(jnp.float32) for x, c in zip(leaves, chosen, strict=True) if c]
-        if self.pattern is not None:
-            new = [nm_mask(x, *self.pattern, axis=-2) for x in picked]
-        elif self.per_leaf:
-            new = [self._topk(x.ravel(), s).reshape(x.shape) for x in picked]
-        else:
-            flat = self._topk(jnp.concatenate([x.ravel() for x in picked]), s)
-            new, start = [], 0
-            for x in picked:
-                new.append(flat[start : start + x.size].reshape(x.shape))
-                start += x.size
-        it = iter(new)
-        out = [next(it) if c else jnp.ones(jnp.shape(x), bool)
-               for x, c in zip(leaves, chosen, strict=True)]
-        return jax.tree.unflatten(treedef, out)
-
-    def _topk(self, scores, s):
-        size = scores.shape[0]
-        # NaN scores (a NaN step) would rank arbitrarily; such an update is skipped anyway.
-        scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-        if s is not None:
-            return _topk_mask_dynamic(scores, size - jnp.round(s * size).astype(jnp.int32))
-        return _topk_mask_flat(scores, size - int(round(float(self.sparsity) * size)))
-
-
 def _all_finite(tree) -> jax.Array:
-    floats = [u for u in jax.tree.leaves(tree) if _is_float(u)]
+    floats = [u for u in jax.tree.leaves(tree) if is_float(u)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in floats])) if floats \
         else jnp.array(True)
 
@@ -232,6 +93,16 @@ def _finish(new_updates, updates, masks, state, bad, target):
     return out, masks, skipped, state.bad_sparsity + bad.astype(jnp.int32)
 
 
+def _distribution(per_leaf, distribution):
+    """``per_leaf=True`` is the older spelling of ``distribution="uniform"``."""
+    if distribution is None:
+        return "uniform" if per_leaf else "global"
+    if per_leaf and distribution != "uniform":
+        raise ValueError(f"per_leaf=True means distribution='uniform'; got both per_leaf=True "
+                         f"and distribution={distribution!r}: pass only distribution=.")
+    return distribution
+
+
 def _need_params(params, who):
     if params is None:
         raise ValueError(f"{who} needs the current params: call tx.update(updates, state, "
@@ -242,9 +113,10 @@ def hard_threshold(
     sparsity: float | Schedule,
     *,
     per_leaf: bool = False,
-    filter: Callable[[str, Any], bool] | None = None,  # noqa: A002
-    pattern: str | tuple[int, int] | None = None,
+    filter: Callable[[str, Any], bool] | str | None = None,  # noqa: A002
+    pattern: Any = None,
     update_every: int = 1,
+    distribution: str | None = None,
 ) -> optax.GradientTransformation:
     """Project every step onto the sparse set: ``params + u' = T_k(params + u)``.
 
@@ -258,11 +130,17 @@ def hard_threshold(
       sparsity: fraction of the selected weights set to zero, in ``[0, 1)``, or an Optax
         schedule ``count -> sparsity`` (e.g. :func:`cubic_sparsity_schedule`); a number
         holds from the first update.
-      per_leaf: the same sparsity in every leaf instead of one global threshold.
+      per_leaf: the same sparsity in every leaf instead of one global threshold (the
+        same as ``distribution="uniform"``).
       filter: ``(path, leaf) -> bool`` choosing the leaves to sparsify (path like
-        ``"Dense_0/kernel"``); default: leaves with two or more dimensions.
-      pattern: ``"n:m"`` semi-structured sparsity instead of ``sparsity``'s count.
+        ``"Dense_0/kernel"``), or a regex searched in the path; default: floating leaves
+        with two or more dimensions.
+      pattern: ``"n:m"`` semi-structured sparsity instead of ``sparsity``'s count;
+        ``"HxW"`` / ``Block(h, w)`` blocks or ``"channel"`` / ``Channel(axis)`` (see
+        ``iobs_jax.optax``).
       update_every: recompute the mask every this many updates.
+      distribution: ``"global"`` (default), ``"uniform"`` or ``"erk"``: how the removed
+        count is shared among leaves (see ``iobs_jax.optax``).
 
     Failures are guarded, not returned: an update that would be NaN/inf is returned as
     zeros (params and masks stay as they are) and counted in ``state.skipped``; a
@@ -271,9 +149,15 @@ def hard_threshold(
     pass through unchanged).
 
     Example:
-      >>> tx = optax.chain(optax.sgd(0.1), hard_threshold(0.5))  # doctest: +SKIP
+      >>> tx = optax.chain(optax.sgd(0.1), hard_threshold(0.5))
+      >>> params = {"w": jnp.array([[0.5, -2.0], [1.0, 0.1]])}
+      >>> updates, _ = tx.update(params, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([[ 0. , -1.8],
+             [ 0.9,  0. ]], dtype=float32)
     """
-    proj = _Projector(sparsity, per_leaf, filter, pattern, update_every)
+    proj = Projector(sparsity, _distribution(per_leaf, distribution), filter, pattern,
+                     update_every)
 
     def init_fn(params):
         zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers (donation)
@@ -299,11 +183,12 @@ def iobs(
     damping: float = 1e-3,
     decay: float = 0.999,
     per_leaf: bool = False,
-    filter: Callable[[str, Any], bool] | None = None,  # noqa: A002
-    pattern: str | tuple[int, int] | None = None,
+    filter: Callable[[str, Any], bool] | str | None = None,  # noqa: A002
+    pattern: Any = None,
     update_every: int = 1,
     cg_tol: float = 1e-4,
     cg_maxiter: int = 20,
+    distribution: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """I-OBS as an Optax transformation: Newton-like step, OBS-saliency mask, OBS correction.
 
@@ -337,7 +222,8 @@ def iobs(
     unchanged. ``damping`` is absolute.
     """
     _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter)
-    proj = _Projector(sparsity, per_leaf, filter, pattern, update_every)
+    proj = Projector(sparsity, _distribution(per_leaf, distribution), filter, pattern,
+                     update_every)
     lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
     step = {"fisher": _second_order_target, "cg": _second_order_target,
             "diagonal": _diagonal_target}[curvature]
@@ -361,14 +247,14 @@ def iobs(
                      where=where)
         target, scores, curv, moment = step(floats, grads, state, lr(state.count),
                                             extra, **options)
-        full_scores = rebuild(jax.tree.leaves(scores), fill="ones")
+        full_scores = rebuild(scores, fill="ones")
         masks, bad = proj.masks(full_scores, state.masks, state.count, like=params)
         new = _apply_masks(target, masks, where, curv)
         out = jax.tree.leaves(updates)
         for i, n, p in zip(where, new, floats, strict=True):
             out[i] = n - p
         out = jax.tree.unflatten(jax.tree.structure(updates), out)
-        unmasked = target if curv is None else target[0]  # (flat, unravel) for Fisher/CG
+        unmasked = target
         out, masks, skipped, bad = _finish(out, updates, masks, state, bad, unmasked)
         if moment is not None:  # a skipped step must not poison the moment either
             ok = skipped == state.skipped
@@ -384,7 +270,7 @@ def _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter)
     """Everything about :func:`iobs` that can be checked before the first step."""
     if curvature not in ("fisher", "cg", "diagonal"):
         raise ValueError(f"curvature must be 'fisher', 'cg' or 'diagonal'; got {curvature!r}.")
-    rate = (_check_schedule_start(learning_rate, "learning_rate") if callable(learning_rate)
+    rate = (check_schedule_start(learning_rate, "learning_rate") if callable(learning_rate)
             else learning_rate)
     for name, value, test, want in (
         ("learning_rate", rate, lambda v: v > 0, "> 0"),
@@ -405,10 +291,11 @@ def _float_leaves(tree):
     ``tree`` with ``values`` at those positions and its other leaves (or float ones of
     their shape when ``fill="ones"``: scores that are never selected)."""
     leaves, treedef = jax.tree.flatten(tree)
-    where = [i for i, x in enumerate(leaves) if _is_float(x)]
+    where = [i for i, x in enumerate(leaves) if is_float(x)]
 
     def rebuild(values, fill=None):
         out = list(leaves) if fill is None else [jnp.ones(jnp.shape(x)) for x in leaves]
+        values = jax.tree.leaves(values)
         for i, v in zip(where, values, strict=True):
             out[i] = v
         return jax.tree.unflatten(treedef, out)
@@ -416,16 +303,38 @@ def _float_leaves(tree):
     return [leaves[i] for i in where], where, rebuild
 
 
-def _per_example_rows(per_example, where, num_floats):
+def _per_example_rows(per_example, where, floats):
     """The per-example gradients of the floating leaves: a pytree like params (its
-    floating positions are taken) or one holding only the floating leaves."""
+    floating positions are taken) or one holding only the floating leaves; each leaf is
+    checked to be ``(m, *shape)`` of its parameter."""
     leaves = jax.tree.leaves(per_example)
-    if len(leaves) == num_floats:
-        return leaves
-    if len(leaves) > max(where, default=-1):
-        return [leaves[i] for i in where]
-    raise ValueError(f"per_example_grads must be a pytree like params with a leading example "
-                     f"axis; got {len(leaves)} leaves for {num_floats} floating parameters.")
+    if len(leaves) != len(floats):
+        leaves = [leaves[i] for i in where] if len(leaves) > max(where, default=-1) else None
+    if leaves is None or any(jnp.shape(g)[1:] != jnp.shape(p) for g, p in
+                             zip(leaves, floats, strict=True)) or \
+            len({jnp.shape(g)[0] for g in leaves}) != 1:
+        got = [jnp.shape(g) for g in jax.tree.leaves(per_example)]
+        raise ValueError("per_example_grads must be a pytree like params with a leading "
+                         "example axis (jax.vmap(jax.grad(loss), (None, 0))(params, batch)); "
+                         f"got leaves of shapes {got} for parameters of shapes "
+                         f"{[jnp.shape(p) for p in floats]}.")
+    return leaves
+
+
+def fisher_rows(per_example, where, floats):
+    """The rows of ``U`` with ``U^T U`` the empirical Fisher ``G^T G / m``."""
+    rows = _per_example_rows(per_example, where, floats)
+    m = rows[0].shape[0]
+    return [g.astype(p.dtype) / jnp.sqrt(jnp.asarray(m, p.dtype))
+            for g, p in zip(rows, floats, strict=True)]
+
+
+def hvp_operator(loss_fn, floats, rebuild):
+    """``v -> H v`` over the floating leaves (lists) of ``loss_fn(params)``; integer leaves
+    keep their values."""
+    f = lambda fl: loss_fn(rebuild(fl))
+    return lambda v: [h.astype(p.dtype) for h, p in zip(hvp(f, floats, v), floats,
+                                                          strict=True)]
 
 
 def _diagonal_target(floats, grads, state, eta, extra, *, damping, decay, **_):
@@ -442,32 +351,33 @@ def _diagonal_target(floats, grads, state, eta, extra, *, damping, decay, **_):
 
 def _second_order_target(floats, grads, state, eta, extra, *, curvature, damping, cg_tol,
                          cg_maxiter, **_):
-    """Fisher (Woodbury) or HVP (CG) curvature on the flat floating parameters:
-    ``theta~ = theta - eta C^{-1} g`` and its selection scores."""
-    flat_p, unravel = ravel_pytree(floats)
-    flat_g = ravel_pytree(grads)[0].astype(flat_p.dtype)
+    """Fisher (Woodbury) or HVP (CG) curvature on the floating leaves (kept as a list,
+    never raveled): ``theta~ = theta - eta C^{-1} g`` and its selection scores."""
+    grads = [g.astype(p.dtype) for g, p in zip(grads, floats, strict=True)]
     if curvature == "fisher":
         if extra["per_example_grads"] is None:
             raise ValueError("iobs(curvature='fisher') needs per_example_grads= "
                              "(jax.vmap(jax.grad(loss), (None, 0))(params, batch)).")
-        rows = _per_example_rows(extra["per_example_grads"], extra["where"], len(floats))
-        curv = _Woodbury(rows, flat_p, damping)
+        curv = WoodburyCurvature(fisher_rows(extra["per_example_grads"], extra["where"],
+                                             floats), damping)
     else:
-        loss_fn = extra["loss_fn"]
-        if loss_fn is None:
+        if extra["loss_fn"] is None:
             raise ValueError("iobs(curvature='cg') needs loss_fn= (params -> scalar "
                              "batch loss) for Hessian-vector products.")
-        rebuild = extra["rebuild"]
-        f = lambda fl: loss_fn(rebuild(fl))  # integer leaves keep their values
+        size = sum(p.size for p in floats)
         curv = OperatorCurvature(
-            lambda v: ravel_pytree(hvp(f, floats, unravel(v)))[0].astype(flat_p.dtype),
-            flat_p.size, flat_p.dtype, damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
+            hvp_operator(extra["loss_fn"], floats, extra["rebuild"]), size, floats[0].dtype,
+            damping, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
             truncate=True,  # networks have indefinite Hessians: Newton-CG, documented
         )
-    target = flat_p - eta * curv.solve(flat_g).astype(flat_p.dtype)
-    scores = saliency_rank(target, curv.inverse_diag()) if curvature == "fisher" \
-        else jnp.abs(target)
-    return (target, unravel), unravel(scores), curv, None
+    step = curv.solve(grads)
+    target = [p - eta * d.astype(p.dtype) for p, d in zip(floats, step, strict=True)]
+    if curvature == "fisher":
+        scores = [saliency_rank(x, g) for x, g in zip(target, curv.inverse_diag(),
+                                                      strict=True)]
+    else:
+        scores = [jnp.abs(x) for x in target]
+    return target, scores, curv, None
 
 
 def _apply_masks(target, masks, where, curv):
@@ -476,47 +386,5 @@ def _apply_masks(target, masks, where, curv):
     mask_leaves = [jax.tree.leaves(masks)[i] for i in where]
     if curv is None:
         return [jnp.where(m, x, 0) for x, m in zip(target, mask_leaves, strict=True)]
-    flat_t, unravel = target
-    flat_m = ravel_pytree([m.astype(flat_t.dtype) for m in mask_leaves])[0] > 0
-    return unravel(project(curv, flat_t, flat_m))
-
-
-class _Woodbury:
-    """``C = G^T G / m + lam I`` from ``m`` per-example gradients, solved by Woodbury."""
-
-    def __init__(self, per_example, flat_params, lam):
-        leaves = jax.tree.leaves(per_example)
-        m = leaves[0].shape[0]
-        rows = jax.vmap(lambda *ls: jnp.concatenate([jnp.ravel(x) for x in ls]))(*leaves)
-        if rows.shape[1] != flat_params.size:
-            raise ValueError("per_example_grads must be a pytree like params with a leading "
-                             f"example axis; got {rows.shape[1]} entries per example for "
-                             f"{flat_params.size} parameters.")
-        self.u = rows.astype(flat_params.dtype) / jnp.sqrt(m)  # C = U^T U + lam I
-        self.lam = jnp.asarray(lam, flat_params.dtype)
-        self.size = flat_params.size
-
-    def matvec(self, v):
-        return self.u.T @ (self.u @ v) + self.lam * v
-
-    def _small(self, u):
-        k = u @ u.T + self.lam * jnp.eye(u.shape[0], dtype=u.dtype)
-        return jax.scipy.linalg.cho_factor(k)
-
-    def solve(self, b):
-        # (lam I + U^T U)^{-1} b = (b - U^T (lam I + U U^T)^{-1} U b) / lam
-        f = self._small(self.u)
-        return (b - self.u.T @ jax.scipy.linalg.cho_solve(f, self.u @ b)) / self.lam
-
-    def inverse_diag(self):
-        f = self._small(self.u)
-        w = jax.scipy.linalg.cho_solve(f, self.u)
-        return (1.0 - jnp.sum(self.u * w, axis=0)) / self.lam
-
-    def masked_solve(self, mask, b, size=None):
-        # Restricted to Q the curvature is U_Q^T U_Q + lam I: Woodbury on the masked U.
-        m = mask.astype(self.u.dtype)
-        u = self.u * m[None, :]
-        f = self._small(u)
-        bq = b * m
-        return (bq - u.T @ jax.scipy.linalg.cho_solve(f, u @ bq)) / self.lam * m
+    out = project(curv, target, mask_leaves)
+    return [o.astype(t.dtype) for o, t in zip(out, target, strict=True)]

@@ -1,14 +1,41 @@
 """Optax transformations for sparse training (``iobs_jax.optax``).
 
-- :func:`hard_threshold`: IHT inside any optimizer, ``params + u' = T_k(params + u)``.
-- :func:`iobs`: I-OBS, Newton-like step from curvature, OBS-saliency mask, OBS correction.
-- :func:`cubic_sparsity_schedule`: Zhu & Gupta gradual pruning as an Optax schedule.
+Transforms that go last in a chain (``params + u'`` lands on the sparse set, nothing to
+call after ``optax.apply_updates``):
+
+- :func:`hard_threshold`: IHT inside any optimizer, ``params + u' = T_k(params + u)``;
+  with :func:`cubic_sparsity_schedule` it is gradual magnitude pruning (GMP).
+- :func:`obs_projection`: the OBS projection of the optimizer's candidate ``params + u``
+  under an empirical Fisher, a Hessian (HVP) or a running diagonal curvature.
+- :func:`ste`: straight-through magnitude pruning (SR-STE with ``refine``); its forward
+  pass uses :func:`masked_params`, the one helper.
+
+Wrappers around the inner optimizer (they reset its moments of regrown weights):
+:func:`rigl` (RigL) and :func:`sparse_evolutionary` (SET). The whole optimizer:
+:func:`iobs` (I-OBS with its own Newton-like step). One-shot: :func:`sparsify`.
+
+Shared vocabulary: ``sparsity`` (fraction removed, a number or an Optax schedule),
+``filter`` (``(path, leaf) -> bool`` or a regex), ``pattern`` (:class:`Unstructured`,
+:class:`NM` / ``"2:4"``, :class:`Block` / ``"4x4"``, :class:`Channel` / ``"channel"``),
+``distribution`` (``"global"``, ``"uniform"``, ``"erk"``), ``update_every``. The global
+top-k is a threshold search on counts, so parameters sharded over devices are never
+gathered.
 
 Example::
 
-    tx = optax.chain(optax.adamw(1e-3), iobs_jax.optax.hard_threshold(sparsity=0.9))
+    tx = optax.chain(optax.adamw(1e-3), iobs_jax.optax.obs_projection(0.9, "fisher"))
+    updates, state = tx.update(grads, state, params, per_example_grads=pe)
 """
 
+from ._dynamic_sparse import DynamicSparseState, rigl, sparse_evolutionary
+from ._sparse_training import (
+    OBSProjectionState,
+    masked_params,
+    obs_projection,
+    sparsify,
+    ste,
+)
+from ._sparsity import NM, Block, Channel, Unstructured, erk_sparsities
 from ._transforms import (
     IOBSTransformState,
     SparsityState,
@@ -18,9 +45,22 @@ from ._transforms import (
 )
 
 __all__ = [
+    "NM",
+    "Block",
+    "Channel",
+    "DynamicSparseState",
     "IOBSTransformState",
+    "OBSProjectionState",
     "SparsityState",
+    "Unstructured",
     "cubic_sparsity_schedule",
+    "erk_sparsities",
     "hard_threshold",
     "iobs",
+    "masked_params",
+    "obs_projection",
+    "rigl",
+    "sparse_evolutionary",
+    "sparsify",
+    "ste",
 ]
