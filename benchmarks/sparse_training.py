@@ -202,6 +202,8 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="MLP, 90/95%%, seed 0, 3 epochs (~15 min on 2 busy cores)")
     parser.add_argument("--out", default=str(RESULTS / "sparse_training.json"))
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: write the table and docs from what --out holds")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "sparse_training.md"))
     args = parser.parse_args()
     ex = _example()
@@ -215,7 +217,12 @@ def main():
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}; choose from {', '.join(ex.METHODS)}")
     out = Path(args.out)
-    records = run_grid(ex, args, out)
+    if args.no_train:
+        if not out.is_file():
+            sys.exit(f"--no-train: {out} does not exist (run the grid first)")
+        records = json.loads(out.read_text())["runs"]
+    else:
+        records = run_grid(ex, args, out)
     summary = summarize(records, args)
     table = markdown(summary, args)
     verdicts = bar_verdicts(summary)
