@@ -32,15 +32,16 @@ __all__ = ["DecoderConfig", "Decoder", "save_decoder", "load_decoder", "next_byt
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Sizes of a :class:`Decoder` (the defaults: 3.2M parameters)."""
+    """Sizes of a :class:`Decoder` (the defaults: 1.7M parameters, sized so that
+    ``iobs-jax train-lm`` trains it in about 25 minutes on 2 CPU cores)."""
 
     vocab_size: int = 256
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 704
-    max_seq_len: int = 256
+    num_heads: int = 6
+    num_kv_heads: int = 3
+    intermediate_size: int = 512
+    max_seq_len: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True

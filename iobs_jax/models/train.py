@@ -27,7 +27,7 @@ __all__ = ["TrainConfig", "train_decoder", "evaluate", "bits_per_byte"]
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2400
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup: int = 100
