@@ -168,8 +168,9 @@ def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
     """:func:`_topk_mask_flat` for a static ``k``, :func:`_topk_mask_dynamic` for a traced one.
 
     The solvers' sparsity may be a traced value (``max_k`` set: sweeps compile one program
-    for every ``k``); both select the same entries (ties to the lower index), so a traced
-    ``k`` gives the static program's supports.
+    for every ``k``); both select the same entries (ties to the lower index) for scores
+    without ``-0.0`` (the threshold search ties ``-0.0`` with ``+0.0``), which magnitudes
+    and saliencies never are, so a traced ``k`` gives the static program's supports.
     """
     if isinstance(k, int | np.integer):
         return _topk_mask_flat(scores, int(k))
