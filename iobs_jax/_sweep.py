@@ -55,7 +55,7 @@ from ._base import Status, trajectory
 from ._iht import IHT
 from ._iobs import IOBS
 from ._pursuit import OBSPursuit, _same_count
-from ._validation import check_choice, check_int, check_nonnegative_scalar
+from ._validation import check_choice, check_int, check_key, check_nonnegative_scalar
 
 __all__ = ["SOLVER_NAMES", "PROBLEMS", "make_solver", "mse_hessian", "sweep", "SweepResult",
            "convergence", "recover_signals"]
@@ -419,6 +419,7 @@ def sweep(
         raise ValueError("noise must list at least one value.")
     trials = check_int(trials, "trials", low=1)
     chunk_size = check_int(chunk_size, "chunk_size", low=1)
+    key = check_key(key)
     check_choice(problem, "problem", PROBLEMS)
     check_choice(prior, "prior", (*problems.PRIORS, "mnist"))
     if not 0 < success_tol:

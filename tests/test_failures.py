@@ -291,6 +291,8 @@ def test_embed_wants_a_list_of_strings(tiny_bert_dir):
     (lambda: ij.problems.spectral_init(jnp.ones((4, 3)), jnp.ones(5), 1), ValueError,
      "observations"),
     (lambda: ij.mnist.load_mnist("/nonexistent/mnist"), ValueError, "nonexistent"),
+    (lambda: ij.sweep.sweep(["htp"], d=8, n=4, k=1, trials=1, key=0), TypeError,
+     "key must be one JAX PRNG key"),
 ])
 def test_fuzzed_bad_inputs_give_errors_that_name_the_argument(call, error, needle):
     with pytest.raises(error, match=needle):
