@@ -34,6 +34,7 @@ from ._transforms import (
     fisher_rows,
     hvp_operator,
 )
+from ._validation import check_curvature_options
 
 CURVATURES = ("fisher", "hvp", "diagonal")
 
@@ -159,17 +160,7 @@ def _check_obs_options(curvature, damping, damping_mode, decay, cg_tol, cg_maxit
     if damping_mode not in ("relative", "absolute"):
         raise ValueError(f"damping_mode must be 'relative' (lambda = damping * mean diag C) "
                          f"or 'absolute'; got {damping_mode!r}.")
-    for name, value, test, want in (
-        ("damping", damping, lambda v: v > 0, "> 0"),
-        ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("cg_tol", cg_tol, lambda v: v >= 0, ">= 0"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                np.isfinite(value) and test(value)):
-            raise ValueError(f"{name} must be a finite number {want}; got {value!r}.")
-    if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or \
-            cg_maxiter < 1:
-        raise ValueError(f"cg_maxiter must be an int >= 1; got {cg_maxiter!r}.")
+    check_curvature_options(damping, decay, cg_tol, cg_maxiter)
 
 
 def _fisher_curvature(floats, target, state, extra, *, damping, relative, **_):

@@ -8,18 +8,17 @@ optimizer and need nothing after ``optax.apply_updates``::
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ._curvature import OperatorCurvature, WoodburyCurvature, highest_precision, hvp
 from ._obs import project, saliency_rank
 from ._sparsity import Projector, check_schedule_start, check_sparsity, is_float
+from ._validation import check_curvature_options
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -272,18 +271,7 @@ def _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter)
         raise ValueError(f"curvature must be 'fisher', 'cg' or 'diagonal'; got {curvature!r}.")
     rate = (check_schedule_start(learning_rate, "learning_rate") if callable(learning_rate)
             else learning_rate)
-    for name, value, test, want in (
-        ("learning_rate", rate, lambda v: v > 0, "> 0"),
-        ("damping", damping, lambda v: v > 0, "> 0"),
-        ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("cg_tol", cg_tol, lambda v: v >= 0, ">= 0"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                np.isfinite(value) and test(value)):
-            raise ValueError(f"{name} must be a finite number {want}; got {value!r}.")
-    if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or \
-            cg_maxiter < 1:
-        raise ValueError(f"cg_maxiter must be an int >= 1; got {cg_maxiter!r}.")
+    check_curvature_options(damping, decay, cg_tol, cg_maxiter, learning_rate=rate)
 
 
 def _float_leaves(tree):

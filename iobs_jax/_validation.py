@@ -190,3 +190,21 @@ def check_key(key: Any, name: str = "key") -> jax.Array:
         f"{name} must be one JAX PRNG key such as jax.random.key(0); got "
         f"{type(key).__name__}{' of shape ' + str(jnp.shape(key)) if arr is not None else ''}"
         f"{' ' + repr(key) if isinstance(key, int | float) else ''}.")
+
+
+def check_curvature_options(damping, decay, cg_tol, cg_maxiter, **more) -> None:
+    """The options shared by the curvature-based transforms (``damping`` > 0, ``decay`` in
+    [0, 1), ``cg_tol`` >= 0, ``cg_maxiter`` an int >= 1), plus ``more`` positive reals
+    (e.g. a learning rate), each a ValueError naming the option."""
+    for name, value, test, want in (
+        *((n, x, lambda v: v > 0, "> 0") for n, x in more.items()),
+        ("damping", damping, lambda v: v > 0, "> 0"),
+        ("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("cg_tol", cg_tol, lambda v: v >= 0, ">= 0"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                np.isfinite(value) and test(value)):
+            raise ValueError(f"{name} must be a finite number {want}; got {value!r}.")
+    if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or \
+            cg_maxiter < 1:
+        raise ValueError(f"cg_maxiter must be an int >= 1; got {cg_maxiter!r}.")
