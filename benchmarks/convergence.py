@@ -34,9 +34,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK threads thrash on 2
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from iobs_jax.problems import mse_loss, sparse_linear_regression  # noqa: E402
 
 import iobs_jax as ij  # noqa: E402
-from iobs_jax.problems import mse_loss, sparse_linear_regression  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # relative error 1e-6 is a float64 target
 

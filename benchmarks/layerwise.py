@@ -86,7 +86,6 @@ def synthetic(rows: int, cols: int, family: str, seed: int = 0):
 def mnist_layer(data_dir=None, rows: int = 300, samples: int = 2000):
     """MNIST pixels (2,000 images) as the inputs of a random dense 300 x 784 layer."""
     import numpy as np
-
     from iobs_jax.mnist import load_mnist
 
     data = load_mnist(data_dir, verbose=False)
@@ -100,8 +99,8 @@ def minilm_layers(sentences: int = 128):
     ``sentences`` stdlib calibration sentences), or ``[]`` without the checkpoint."""
     import numpy as np
 
-    from iobs_jax import _layerwise as lw
     from iobs_jax import bert, corpus
+    from iobs_jax.pruning import layerwise as lw
 
     try:
         model, params, tok = bert.load_bert()
@@ -186,7 +185,7 @@ def measure_layer(name, w, h, ref_cls, repeats, timing):
     """Losses (and, if ``timing``, cold/warm times) of one layer at every pattern."""
     import jax.numpy as jnp
 
-    from iobs_jax import _layerwise as lw
+    from iobs_jax.pruning import layerwise as lw
 
     W, H = jnp.asarray(w), jnp.asarray(h)
     hd = lw.damp_hessian(H, 0.01)
@@ -273,7 +272,7 @@ def tables(rows, have_ref):
 
 NOTES = """# Layer-wise pruning: SparseGPT and I-OBS against the reference
 
-`iobs_jax._layerwise` prunes one linear layer `W0` (rows = outputs) with the calibration
+`iobs_jax.pruning.layerwise` prunes one linear layer `W0` (rows = outputs) with the calibration
 Hessian `H = X X^T / N`, damped by 1% of its mean diagonal, minimising
 `tr((W - W0) H (W - W0)^T)`. This page records what the methods do, what we measured
 while building them and the current results against the reference implementation

@@ -31,8 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iobs_jax as ij  # noqa: E402
-from iobs_jax import _cli_transformer as clt  # noqa: E402
 from iobs_jax import bert, corpus  # noqa: E402
+from iobs_jax.experiments import minilm as clt  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs"

@@ -24,7 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
-from iobs_jax import _cli_lm as lm
+from iobs_jax.experiments import decoder_lm as lm
 
 OUT = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs"

@@ -36,7 +36,7 @@ import numpy as np
 
 import iobs_jax
 from iobs_jax import bert, corpus
-from iobs_jax._cli_transformer import Config, plot, run_experiment, table
+from iobs_jax.experiments.minilm import Config, plot, run_experiment, table
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE.parent / "tests" / "data" / "minilm_reference_embeddings.npz"

@@ -40,8 +40,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK threads thrash on 2
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-import iobs_jax as ij  # noqa: E402
 from iobs_jax.mnist import (  # noqa: E402
     CNN,
     MLP,
@@ -50,6 +48,8 @@ from iobs_jax.mnist import (  # noqa: E402
     split_train_test,
     train_classifier,
 )
+
+import iobs_jax as ij  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"

@@ -49,10 +49,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK threads thrash on 2
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from iobs_jax.problems import sparse_linear_regression  # noqa: E402
 
 from iobs_jax import sweep as sw  # noqa: E402
-from iobs_jax._sweep import _layout, _solver_for  # noqa: E402
-from iobs_jax.problems import sparse_linear_regression  # noqa: E402
+from iobs_jax.recovery.grid import _layout, _solver_for  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

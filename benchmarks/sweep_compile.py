@@ -75,7 +75,7 @@ def cli_runs(out: Path) -> dict:
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         times = {}
         for label in ("cold", "warm"):
-            argv = [sys.executable, "-m", "iobs_jax._cli", *COMMAND, "--out",
+            argv = [sys.executable, "-m", "iobs_jax.cli.main", *COMMAND, "--out",
                     str(out / f"cli_{label}"), "--quiet"]
             t0 = time.perf_counter()
             proc = subprocess.run(argv, env=env, capture_output=True, text=True)

@@ -15,9 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 import iobs_jax as ij
-from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 jax.config.update("jax_enable_x64", True)  # relative error 1e-6 is a float64 target
 

@@ -14,7 +14,7 @@ import argparse
 import jax
 
 from iobs_jax import sweep as sw
-from iobs_jax._progress import sweep_progress
+from iobs_jax.core.progress import sweep_progress
 
 jax.config.update("jax_enable_x64", True)  # success = relative error < 1e-3 on float64 fits
 

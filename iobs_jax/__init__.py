@@ -8,27 +8,83 @@ transformations for sparse training (``iobs_jax.optax``).
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
+# The layout, floor by floor (each imports only from the floors below it):
+#   core/      masks (the one top-k), obs (the OBS projection), curvature (CG, Woodbury,
+#              inverses), sparsity patterns, validation, progress bars
+#   solvers/   IHT / NIHT / HTP, I-OBS, OBSPursuit
+#   recovery/  problem generators, sweeps, figures, the paper's experiments
+#   optax/     sparse-training transformations
+#   pruning/   the model-agnostic pruning driver, layer-wise methods, Fisher pruning
+#   models/    MNIST nets, BERT, the decoder LM, corpora (no pruning inside)
+#   cli/       the iobs-jax command
 # Names are imported on first use (PEP 562), so that `import iobs_jax` and
 # `iobs-jax --help` do not load JAX, Flax, tokenizers or matplotlib until needed.
-_SUBMODULES = ("bert", "corpus", "mnist", "models", "optax", "problems", "sweep")
+_SUBMODULES = ("bert", "cli", "core", "corpus", "mnist", "models", "optax", "problems",
+               "pruning", "recovery", "solvers", "sweep")
 _NAMES = {
-    "._base": ("Status", "raise_if_failed", "trajectory"),
-    "._blocks": ("prune_blocks",),
-    "._curvature": ("DenseCurvature", "OperatorCurvature", "conjugate_gradient",
-                    "dense_hessian", "hvp", "make_curvature", "newton_direction",
-                    "power_iteration"),
-    "._fisher": ("FisherReport", "fisher_prune"),
-    "._iht": ("IHT", "IHTState"),
-    "._iobs": ("IOBS", "IOBSState"),
-    "._masks": ("hard_threshold", "nm_mask", "topk_mask"),
-    "._obs": ("greedy_obs", "obs_project", "obs_project_from_inverse", "obs_saliency"),
-    "._plan": ("Plan", "PlanEntry"),
-    "._prune": ("LayerReport", "PruneReport", "prune", "prune_plan"),
-    "._pursuit": ("OBSPursuit", "OBSPursuitState"),
+    ".solvers.base": ("Status", "raise_if_failed", "trajectory"),
+    ".pruning.blocks": ("prune_blocks",),
+    ".core.curvature": ("DenseCurvature", "OperatorCurvature", "conjugate_gradient",
+                        "dense_hessian", "hvp", "make_curvature", "newton_direction",
+                        "power_iteration"),
+    ".pruning.fisher": ("FisherReport", "fisher_prune"),
+    ".solvers.iht": ("IHT", "IHTState"),
+    ".solvers.iobs": ("IOBS", "IOBSState"),
+    ".core.masks": ("hard_threshold", "nm_mask", "topk_mask"),
+    ".core.obs": ("greedy_obs", "obs_project", "obs_project_from_inverse", "obs_saliency"),
+    ".pruning.plan": ("Plan", "PlanEntry"),
+    ".pruning.driver": ("LayerReport", "PruneReport", "prune", "prune_plan"),
+    ".solvers.pursuit": ("OBSPursuit", "OBSPursuitState"),
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
+
+# Old module names (before the subpackages) stay importable and are the same module
+# objects: `iobs_jax.problems is iobs_jax.recovery.problems`, `iobs_jax._prune is
+# iobs_jax.pruning.driver`. (`iobs_jax.bert` is a small module of its own: the pruning of
+# an encoder moved out of the model, to `iobs_jax.pruning.encoder`.)
+_MOVED = {
+    "problems": "recovery.problems", "sweep": "recovery", "mnist": "models.mnist",
+    "corpus": "models.corpus",
+    "_masks": "core.masks", "_obs": "core.obs", "_curvature": "core.curvature",
+    "_validation": "core.validation", "_support": "core.support",
+    "_sparsity": "core.sparsity", "_progress": "core.progress",
+    "_base": "solvers.base", "_iht": "solvers.iht", "_iobs": "solvers.iobs",
+    "_pursuit": "solvers.pursuit",
+    "_sweep": "recovery.grid", "_plots": "recovery.plots", "_paper": "recovery.paper",
+    "_transforms": "optax.transforms", "_sparse_training": "optax.projection",
+    "_dynamic_sparse": "optax.dynamic",
+    "_prune": "pruning.driver", "_layerwise": "pruning.layerwise", "_fisher": "pruning.fisher",
+    "_blocks": "pruning.blocks", "_engine": "pruning.engine", "_maps": "pruning.maps",
+    "_passes": "pruning.passes", "_plan": "pruning.plan", "_program": "pruning.program",
+    "_checkpoint": "pruning.checkpoint",
+    "_cli": "cli.main", "_cli_common": "cli.common", "_cli_lm": "cli.lm",
+    "_cli_sweep": "cli.sweep", "_cli_transformer": "cli.transformer",
+}
+
+
+class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``iobs_jax.<old name>`` as the module it became."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, rest = fullname.partition(".")
+        if prefix == __name__ and rest in _MOVED:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+
+    def exec_module(self, module):  # already executed under its new name
+        pass
+
+
+if not any(isinstance(f, _OldNames) for f in sys.meta_path):
+    sys.meta_path.insert(0, _OldNames())  # before any path finder
 
 
 def __getattr__(name: str) -> Any:

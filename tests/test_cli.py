@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import write_idx_split
 
-from iobs_jax import _checkpoint
-from iobs_jax._cli import main
+from iobs_jax.cli.main import main
+from iobs_jax.pruning import checkpoint as _checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_prune_default_train_split_works_with_the_packaged_images(tmp_path, caps
 
 def test_ctrl_c_in_a_sweep_keeps_the_finished_cells_and_no_partial_file(tmp_path, capsys,
                                                                         monkeypatch):
-    from iobs_jax import _sweep
+    from iobs_jax.recovery import grid as _sweep
 
     real, calls = _sweep.sweep, []
 
@@ -155,7 +155,7 @@ def test_ctrl_c_in_a_sweep_keeps_the_finished_cells_and_no_partial_file(tmp_path
 
 
 def test_the_compilation_cache_is_on_by_default_and_off_with_no_cache(tmp_path, monkeypatch):
-    from iobs_jax import _cli_common
+    from iobs_jax.cli import common as _cli_common
 
     monkeypatch.setenv(_cli_common.CACHE_ENV, str(tmp_path / "cache"))
     calls = []
@@ -174,7 +174,7 @@ def test_help_is_fast_and_imports_no_jax():
     import subprocess
     import sys
 
-    code = ("import sys; from iobs_jax._cli import main\n"
+    code = ("import sys; from iobs_jax.cli.main import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('jax', 'flax', 'matplotlib', 'tqdm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iobs_jax import _cli, _cli_lm, models
+from iobs_jax import models
+from iobs_jax.cli import lm as _cli_lm
+from iobs_jax.cli import main as _cli
 
 KEYS = {"method", "pattern", "sparsity", "iterations", "perplexity", "dense_perplexity",
         "seconds"}

@@ -6,9 +6,9 @@ import json
 import pytest
 from conftest import write_idx_split
 
-from iobs_jax import _cli_sweep
-from iobs_jax._cli import main
-from iobs_jax._sweep import SOLVER_NAMES
+from iobs_jax.cli import sweep as _cli_sweep
+from iobs_jax.cli.main import main
+from iobs_jax.recovery.grid import SOLVER_NAMES
 
 
 def test_cli_solver_names_are_the_librarys():

@@ -11,20 +11,36 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_readme_snippet(heading: str, index: int = 0) -> dict:
-    """Execute the ``index``-th python block under ``heading`` in the README; its namespace."""
-    section = (ROOT / "README.md").read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)[index]
-    namespace: dict = {}
-    exec(compile(code, f"README {heading}", "exec"), namespace)
+def _blocks(page: str, heading: str | None = None) -> list[str]:
+    """The python blocks of ``page`` (under ``heading`` only, if given)."""
+    text = (ROOT / page).read_text()
+    if heading is not None:
+        text = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0].split("\n# ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def _run(code: str, name: str, namespace: dict | None = None) -> dict:
+    namespace = {} if namespace is None else namespace
+    exec(compile(code, name, "exec"), namespace)
     return namespace
 
 
-def test_readme_quick_start_runs_and_converges():
-    namespace = _run_readme_snippet("## Quick start")
-    assert int(namespace["state"].status) == 0
-    assert namespace["xs"].shape == (100, 128)
-    assert bool(jnp.all(namespace["states"].status == 0))
+def test_readme_examples_run_in_order():
+    """Every python block of the README, one after the other in one namespace (each
+    builds on the names of the ones before, as a reader running them would)."""
+    blocks = _blocks("README.md")
+    assert len(blocks) == 4
+    ns: dict = {}
+    for i, code in enumerate(blocks):
+        _run(code, f"README block {i}", ns)
+    assert int(ns["state"].status) == 0
+    assert ns["xs"].shape == (100, 128)
+    assert bool(jnp.all(ns["states"].status == 0))
+    assert len(ns["res"].rows) == 4 * 2  # 2 x 2 cells, 2 solvers
+    assert abs(ns["report"].sparsity - 0.7) < 0.01 and len(ns["report"].layers) == 2
+    kernels = [p["kernel"] for p in ns["params"].values()]
+    zeros = sum(int(jnp.sum(k == 0)) for k in kernels)
+    assert abs(zeros / sum(k.size for k in kernels) - 0.9) < 0.01
 
 
 def test_paper_synthetic_example_prints_iteration_counts():
@@ -40,15 +56,15 @@ def test_paper_synthetic_example_prints_iteration_counts():
     assert 10 * iobs_to_tol <= iht_to_tol
 
 
-def test_readme_pruning_snippets_run():
-    report = _run_readme_snippet("## Pruning any JAX model", 1)["report"]
+def test_pruning_guide_snippets_run():
+    report = _run(_blocks("docs/pruning.md", "# Pruning any JAX model")[1], "pruning 1")["report"]
     assert abs(report.sparsity - 0.7) < 0.01 and len(report.layers) == 3
-    hf = _run_readme_snippet("## Pruning any JAX model", 0)["report"]
+    hf = _run(_blocks("docs/pruning.md", "# Pruning any JAX model")[0], "pruning 0")["report"]
     assert len(hf.layers) == 8 and abs(hf.sparsity - 0.5) < 1e-9  # 2 blocks x 4 maps
     assert [e.path for e in hf.skipped] == ["transformer/wpe/embedding",
                                             "transformer/wte/embedding"]
 
 
-def test_readme_optax_snippet_runs():
-    kernel = _run_readme_snippet("## Sparse training with Optax")["params"]["dense"]["kernel"]
+def test_optax_guide_snippet_runs():
+    kernel = _run(_blocks("docs/optax.md")[0], "optax guide")["params"]["dense"]["kernel"]
     assert int(jnp.sum(kernel != 0)) == 3  # 10% of 32 kept

@@ -224,7 +224,7 @@ def test_clear_errors_for_bad_argument_types():
 
 
 def test_checkpoint_round_trip_keeps_integer_and_string_keys(tmp_path):
-    from iobs_jax import _checkpoint
+    from iobs_jax.pruning import checkpoint as _checkpoint
 
     params = {0: {"kernel": np.ones((2, 2), np.float32)}, "1": {"bias": np.zeros(2)},
               "layers": {3: np.arange(3)}}

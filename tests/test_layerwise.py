@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import iobs_jax
-from iobs_jax import _layerwise as lw
+from iobs_jax.pruning import layerwise as lw
 
 
 def _layer(rows=6, cols=12, samples=40, seed=0):

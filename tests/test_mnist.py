@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import idx_bytes, write_idx_split
-
-from iobs_jax import mnist
 from iobs_jax.mnist import (
     CNN,
     MLP,
@@ -19,6 +17,8 @@ from iobs_jax.mnist import (
     split_train_test,
     train_classifier,
 )
+
+from iobs_jax import mnist
 
 REAL_MNIST = mnist.packaged_dir()  # the 10,000 test images shipped with the package
 

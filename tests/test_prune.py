@@ -8,7 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 import iobs_jax
-from iobs_jax import _layerwise
+from iobs_jax.pruning import layerwise as _layerwise
 
 
 class _CNN(nn.Module):

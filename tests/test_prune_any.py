@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import iobs_jax as ij  # noqa: E402
-from iobs_jax import _maps, _program  # noqa: E402
-from iobs_jax import _prune as prune_mod  # noqa: E402
+from iobs_jax import _program  # noqa: E402
+from iobs_jax.pruning import driver as prune_mod  # noqa: E402
+from iobs_jax.pruning import maps as _maps
 
 KEY = jax.random.key(0)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import iobs_jax as ij
-from iobs_jax import _cli, bert
-from iobs_jax import _layerwise as lw
+from iobs_jax import bert
+from iobs_jax.cli import main as _cli
+from iobs_jax.pruning import layerwise as lw
 
 pytest.importorskip("tokenizers")
 

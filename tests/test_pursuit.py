@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_states_match
+from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 import iobs_jax as ij
 from iobs_jax import sweep as sw
-from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 # The default (Newton attempt + gradient restart) covers both steps and the restart;
 # the other two are the single-attempt corner cases (no factorization; no refit).
@@ -53,7 +53,7 @@ def test_jit_equals_no_jit(name):
 
 @configs
 def test_no_retrace_on_second_call(name):
-    from iobs_jax import _pursuit
+    from iobs_jax.solvers import pursuit as _pursuit
 
     solver = CONFIGS[name](6)
     p1, p2 = problem(2), problem(3)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_states_match
+from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 import iobs_jax as ij
-from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 
 def gram_hessian(x, design, observations):

@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from iobs_jax import optax as iox
-from iobs_jax._masks import _topk_mask_leaves
+from iobs_jax.core.masks import _topk_mask_leaves
 
 # ------------------------------------------------------------------ a small problem
 
@@ -469,14 +469,3 @@ def test_regex_filter_and_misuse_errors():
         tx.update(params, tx.init(params), params)
     with pytest.raises(ValueError, match="exactly one"):
         iox.masked_params(params, optax.sgd(0.1).init(params))
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    from iobs_jax import _dynamic_sparse, _sparse_training, _transforms
-
-    with jax.enable_x64(False):  # the examples show float32 outputs
-        for module in (_sparse_training, _dynamic_sparse, _transforms):
-            result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-            assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 import iobs_jax as ij
 from iobs_jax import problems
 from iobs_jax import sweep as sw
-from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 KEY = jax.random.key(3)
 # A hard cell (k*/n = 1/3, n/d = 3/8): candidate set + greedy OBS beats HTP's top-k.

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .decoder import Decoder, DecoderConfig, next_byte_loss
-from .text import random_windows
+from iobs_jax.models.decoder import Decoder, DecoderConfig, next_byte_loss
+from iobs_jax.models.text import random_windows
 
 __all__ = ["TrainConfig", "train_decoder", "evaluate", "bits_per_byte"]
 

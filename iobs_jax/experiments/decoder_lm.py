@@ -1,0 +1,247 @@
+"""The decoder LM experiment: train (or load from the cache) the byte-level decoder,
+prune every linear map with each method, and report test perplexity. The engine of
+``iobs-jax train-lm``/``prune-lm`` and ``benchmarks/prune_lm.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from iobs_jax.core import files
+
+LM_METHODS = ("magnitude", "wanda", "sparsegpt", "iobs")
+DEFAULT_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
+
+
+class LMData(NamedTuple):
+    calib: list  # batches of input windows (B, T), int32
+    val: list  # batches of held-out input windows, for picking the best iterate
+    val_windows: np.ndarray  # (N, T + 1) validation windows (perplexity)
+    test_windows: np.ndarray  # (N, T + 1) non-overlapping test windows (perplexity)
+
+
+def lm_data(seq_len: int, *, calib: int = 128, batch: int = 16, val: int = 64,
+            test: int = 256, seed: int = 0, root: str | None = None) -> LMData:
+    """Calibration: ``calib`` random training windows; validation: ``val`` random
+    validation windows; test: the first ``test`` non-overlapping test windows."""
+    from iobs_jax.models import text
+
+    rng = np.random.default_rng(seed)
+    cal = text.random_windows(text.stdlib_source("train", root), calib, seq_len, rng)
+    valw = text.random_windows(text.stdlib_source("validation", root), val, seq_len, rng)
+    testw = text.sequential_windows(text.stdlib_source("test", root), seq_len, limit=test)
+    split = lambda w: [w[i:i + batch, :-1] for i in range(0, len(w), batch)]
+    return LMData(split(cal), split(valw), valw, testw)
+
+
+class LMConfig(NamedTuple):
+    method: str
+    pattern: str  # "0.5" (unstructured sparsity) or "2:4"
+    iterations: int = 1
+
+
+def _prune_kwargs(cfg: LMConfig, damping: float, step_size: float) -> dict:
+    kwargs: dict[str, Any] = dict(method=cfg.method, damping=damping, progress=False)
+    if ":" in cfg.pattern:
+        kwargs["pattern"] = cfg.pattern
+    else:
+        kwargs["sparsity"] = float(cfg.pattern)
+    if cfg.iterations > 1:
+        kwargs.update(iterations=cfg.iterations, step_size=step_size)
+    return kwargs
+
+
+def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
+                      damping: float = 0.01, step_size: float = 0.5,
+                      say: Callable[[str], None] = print,
+                      on_record: Callable[[list], None] | None = None) -> list[dict]:
+    """Prune ``model`` once per configuration; one record per configuration.
+
+    Records: ``method, pattern, sparsity`` (zeros over the pruned maps), ``iterations``,
+    ``perplexity`` and ``bits_per_byte`` on the test windows, ``val_perplexity``,
+    ``dense_perplexity``, ``layer_loss``, ``layers``, ``seconds`` (the pruning call).
+    ``on_record`` gets the records so far after each one (to write them as they come).
+    """
+    from iobs_jax import prune
+    from iobs_jax.models import evaluate
+
+    dense_nll = evaluate(model, data.test_windows)
+    records = []
+    for cfg in configs:
+        t0 = time.perf_counter()
+        pruned, report = prune(model, data.calib, **_prune_kwargs(cfg, damping, step_size))
+        seconds = time.perf_counter() - t0
+        nll, val_nll = evaluate(pruned, data.test_windows), evaluate(pruned, data.val_windows)
+        rec = dict(method=cfg.method, pattern=cfg.pattern, sparsity=report.sparsity,
+                   iterations=cfg.iterations, perplexity=math.exp(nll),
+                   bits_per_byte=nll / math.log(2), val_perplexity=math.exp(val_nll),
+                   dense_perplexity=math.exp(dense_nll), layer_loss=report.total_loss,
+                   layers=len(report.layers), seconds=seconds)
+        records.append(rec)
+        say(f"{cfg.method:>10} {cfg.pattern:>5} it={cfg.iterations}: perplexity "
+            f"{rec['perplexity']:.4f} (dense {rec['dense_perplexity']:.4f}), "
+            f"{seconds:.1f} s")
+        if on_record is not None:
+            on_record(records)
+    return records
+
+
+def best_iterates(records: list[dict]) -> list[dict]:
+    """Per pattern, the I-OBS record whose iteration count has the lowest validation
+    perplexity (the iterate one keeps without looking at the test set)."""
+    out = []
+    for pattern in dict.fromkeys(r["pattern"] for r in records):
+        runs = [r for r in records if r["method"] == "iobs" and r["pattern"] == pattern]
+        if runs:
+            best = min(runs, key=lambda r: (r["val_perplexity"], r["iterations"]))
+            out.append({**best, "method": "iobs-best", "selected_iterations": best[
+                "iterations"]})
+    return out
+
+
+def lm_configs(methods: Sequence[str], patterns: Sequence[str], max_iterations: int
+               ) -> list[LMConfig]:
+    out = []
+    for pattern in patterns:
+        for m in methods:
+            out.append(LMConfig(m, pattern, 1))
+        if "iobs" in methods:
+            out += [LMConfig("iobs", pattern, t) for t in range(2, max_iterations + 1)]
+    return out
+
+
+def table(records: Sequence[dict]) -> str:
+    head = (f"{'method':>10} {'pattern':>7} {'it':>3} {'sparsity':>8} {'perplexity':>10} "
+            f"{'bits/byte':>9} {'val ppl':>8} {'seconds':>8}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['method']:>10} {r['pattern']:>7} {r['iterations']:>3} "
+                     f"{r['sparsity']:8.3f} {r['perplexity']:10.4f} {r['bits_per_byte']:9.4f} "
+                     f"{r['val_perplexity']:8.4f} {r['seconds']:8.1f}")
+    if records:
+        lines.append(f"dense perplexity {records[0]['dense_perplexity']:.4f} "
+                     f"({math.log2(records[0]['dense_perplexity']):.4f} bits per byte)")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict], path: Path) -> list[Path]:
+    """Perplexity against sparsity per method; perplexity against I-OBS iteration with
+    the best validation point marked (one line per pattern)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in LM_METHODS:
+        pts = sorted((float(r["pattern"]), r["perplexity"]) for r in records
+                     if r["method"] == method and ":" not in r["pattern"]
+                     and r["iterations"] == 1)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    if records:
+        ax.axhline(records[0]["dense_perplexity"], color="gray", ls="--", label="dense")
+    ax.set(xlabel="sparsity", ylabel="test perplexity (bytes)", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(path.with_name(path.stem + "_sparsity.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for best in best_iterates(list(records)):
+        runs = sorted((r["iterations"], r["perplexity"]) for r in records
+                      if r["method"] == "iobs" and r["pattern"] == best["pattern"])
+        line, = ax.plot(*zip(*runs, strict=True), marker="o", label=best["pattern"])
+        ax.plot([best["iterations"]], [best["perplexity"]], marker="*", ms=14,
+                color=line.get_color())
+    ax.set(xlabel="I-OBS iterations", ylabel="test perplexity (bytes)",
+           title="star: best on validation windows")
+    ax.legend(title="pattern")
+    fig.tight_layout()
+    paths.append(path.with_name(path.stem + "_iterations.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSizes:
+    """The default decoder and its training (``quick``: a tiny one for tests)."""
+
+    model: Any
+    train: Any
+
+
+def default_sizes(quick: bool = False) -> LMSizes:
+    from iobs_jax.models import DecoderConfig, TrainConfig
+
+    if quick:
+        return LMSizes(DecoderConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                     intermediate_size=64, max_seq_len=64),
+                       TrainConfig(steps=40, batch_size=8, learning_rate=1e-2, warmup=4))
+    return LMSizes(DecoderConfig(), TrainConfig())
+
+
+def model_key(sizes: LMSizes) -> str:
+    """A name for a trained model: its sizes, its training and this Python's stdlib."""
+    raw = json.dumps([dataclasses.asdict(sizes.model), dataclasses.asdict(sizes.train),
+                      sys.version_info[:2]], sort_keys=True)
+    return "decoder-" + hashlib.sha1(raw.encode()).hexdigest()[:10]
+
+
+def lm_cache(sizes: LMSizes) -> Path:
+    """Where a trained model is kept: ``<cache>/lm/<model_key>``, next to the compilation
+    cache (``$IOBS_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/iobs_jax`` or ``~/.cache``)."""
+    return files.cache_dir().parent / "lm" / model_key(sizes)
+
+
+def train_or_load(sizes: LMSizes, *, force: bool = False, progress: bool = True,
+                  say: Callable[[str], None] = print):
+    """The cached model for ``sizes``, trained (about 30 minutes on 2 CPU cores for the
+    default sizes) and cached first if there is none; ``(model, info, folder)``."""
+    from iobs_jax.models import load_decoder, save_decoder, stdlib_source, train_decoder
+
+    folder = lm_cache(sizes)
+    if not force and (folder / "train.json").is_file():
+        say(f"using the trained model cached in {folder}")
+        return load_decoder(folder), json.loads((folder / "train.json").read_text()), folder
+    say(f"training the decoder ({sizes.train.steps} steps); it is cached in {folder}")
+    t0 = time.perf_counter()
+    model, history = train_decoder(sizes.model, sizes.train, stdlib_source("train"),
+                                   progress=progress)
+    seconds = time.perf_counter() - t0
+    info = dict(model=dataclasses.asdict(sizes.model), train=dataclasses.asdict(sizes.train),
+                seconds=seconds, history=history,
+                tokens_per_second=sizes.train.steps * sizes.train.batch_size
+                * sizes.model.max_seq_len / seconds, **_scores(model, sizes))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_decoder(model, tmp)
+    files.write_text(tmp / "train.json", json.dumps(info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)  # a complete folder, or none
+    return model, info, folder
+
+
+def _scores(model, sizes: LMSizes) -> dict:
+    from iobs_jax.models import bits_per_byte, evaluate, sequential_windows, stdlib_source
+
+    t = sizes.model.max_seq_len
+    out = {}
+    for split in ("validation", "test"):
+        nll = evaluate(model, sequential_windows(stdlib_source(split), t, limit=256))
+        out[f"{split}_bits_per_byte"] = bits_per_byte(nll)
+        out[f"{split}_perplexity"] = math.exp(nll)
+    return out
