@@ -249,3 +249,17 @@ def test_bad_examples_and_params_raise(rng):
     bad = {**params, "b": {"kernel": np.full((4, 2), np.inf)}}
     with pytest.raises(ValueError, match="b/kernel"):
         _bad(bad, (x[:3], y[:3]))
+
+
+def test_filter_may_be_a_regex_like_everywhere_else():
+    params = {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+
+    def loss(p, ex):
+        return jnp.mean((ex @ p["a"]["kernel"] @ p["b"]["kernel"]) ** 2)
+
+    by_regex, _ = fisher_prune(loss, params, x, 0.5, filter="^a/")
+    by_callable, _ = fisher_prune(loss, params, x, 0.5, filter=lambda p, _: p.startswith("a/"))
+    for u, v in zip(jax.tree.leaves(by_regex), jax.tree.leaves(by_callable), strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert bool(jnp.all(by_regex["b"]["kernel"] == 1.0))  # not selected: untouched

@@ -117,6 +117,42 @@ def _jitter(diag: jax.Array) -> jax.Array:
     return d * jnp.finfo(diag.dtype).eps * scale
 
 
+def _add_to_diagonal(a: jax.Array, value: jax.Array) -> jax.Array:
+    eye = (jax.lax.broadcasted_iota(jnp.int32, a.shape, 0)
+           == jax.lax.broadcasted_iota(jnp.int32, a.shape, 1))
+    return jnp.where(eye, a + value, a)
+
+
+def guarded_cholesky(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Lower Cholesky factor of a symmetric ``a`` (its lower triangle is read): ``(L, jitter)``.
+
+    If the factorization fails (round-off on a singular or barely definite matrix, e.g.
+    ``damping=0`` on rank-deficient calibration data) it is retried with a diagonal
+    jitter starting at ``d * eps * mean|diag|`` and growing 100x per try, so the result is
+    always finite; ``jitter`` is what was added (0 when the plain factor worked), for the
+    caller to report.
+    """
+    chol = jax.lax.linalg.cholesky(a, symmetrize_input=False)
+    base = _jitter(jnp.diagonal(a))
+    # A failed factorization comes back all NaN: its diagonal tells.
+    finite = lambda c: jnp.all(jnp.isfinite(jnp.diagonal(c)))
+
+    def retry(_):
+        def failed(state):
+            return ~finite(state[0]) & (state[2] < 12)
+
+        def attempt(state):
+            _, _, tries = state
+            jitter = base * 100.0 ** tries.astype(a.dtype)
+            shifted = _add_to_diagonal(a, jitter)
+            return jax.lax.linalg.cholesky(shifted, symmetrize_input=False), jitter, tries + 1
+
+        state = (chol, jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32))
+        return jax.lax.while_loop(failed, attempt, state)[:2]
+
+    return jax.lax.cond(finite(chol), lambda _: (chol, jnp.zeros((), a.dtype)), retry, None)
+
+
 class DenseCurvature:
     """A dense curvature matrix ``H`` (``(d, d)``, symmetric PSD) plus ``damping * I``.
 
@@ -332,6 +368,16 @@ class WoodburyCurvature:
         return jax.tree.map(
             lambda r: (1.0 - jnp.sum(r * jnp.tensordot(kinv, r, axes=1), axis=0))
             / self.damping, self.rows)
+
+    def inverse(self) -> jax.Array:
+        """The dense ``C^{-1} = (I - U^T K^{-1} U) / damping`` (symmetrized), for ``U`` an
+        ``(m, d)`` array: small blocks only (``d x d`` memory)."""
+        u = self.rows
+        inv = (jnp.eye(u.shape[1], dtype=self.dtype) - u.T @ self._kinv_u(u)) / self.damping
+        return 0.5 * (inv + inv.T)
+
+    def _kinv_u(self, u: jax.Array) -> jax.Array:
+        return jax.scipy.linalg.cho_solve(self._small(u), u)
 
     def masked_solve(self, mask: Any, b: Any, size: int | None = None) -> Any:
         # Restricted to Q the curvature is U_Q^T U_Q + damping I: Woodbury on masked U.

@@ -26,9 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iobs_jax.core.curvature import DenseCurvature, compute_dtype, highest_precision
+from iobs_jax.core.curvature import (
+    DenseCurvature,
+    WoodburyCurvature,
+    compute_dtype,
+    highest_precision,
+)
 from iobs_jax.core.masks import _topk_mask_flat, flatten, unflatten_like
 from iobs_jax.core.obs import project_from_inverse_scaled, saliency_rank
+from iobs_jax.core.sparsity import parse_filter
 from iobs_jax.core.validation import (
     check_finite,
     check_int,
@@ -60,7 +66,7 @@ def fisher_prune(
     examples: Any,
     sparsity: float,
     *,
-    filter: Callable[[str, Any], bool] | None = None,  # noqa: A002
+    filter: Callable[[str, Any], bool] | str | None = None,  # noqa: A002
     block_size: int = 128,
     damping: float = 1e-4,
     step_size: float = 1.0,
@@ -76,7 +82,8 @@ def fisher_prune(
       examples: pytree whose leaves share a leading axis ``m`` (e.g. ``(images, labels)``).
       sparsity: fraction of the selected weights removed, in ``[0, 1)``; the pruned count
         ``round(sparsity * D)`` is chosen globally across all selected leaves.
-      filter: ``filter(path, leaf) -> bool`` with ``path`` like ``"Dense_0/kernel"``;
+      filter: ``filter(path, leaf) -> bool`` with ``path`` like ``"Dense_0/kernel"``, or
+        a regular expression searched in ``path`` (as everywhere in the library);
         default: floating leaves with ``ndim >= 2`` (kernels, not biases).
       block_size: ``B``; the Fisher is block diagonal with ``(B, B)`` blocks over the
         flattened selected weights. Memory ``O(D B + batch_size D)``.
@@ -191,11 +198,12 @@ def _count_examples(ex: Any, num_examples: int | None) -> int:
     return m if num_examples is None else check_int(num_examples, "num_examples", low=1, high=m)
 
 
-def _select(names: list[str], leaves: list, filter: Callable | None) -> list[int]:  # noqa: A002
+def _select(names: list[str], leaves: list, filter: Callable | str | None  # noqa: A002
+            ) -> list[int]:
     def default(_, leaf):
         return np.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
-    pick = default if filter is None else filter
+    pick = parse_filter(filter) or default  # a callable, or a regex searched in the path
     try:
         sel = [i for i, (n, x) in enumerate(zip(names, leaves, strict=True)) if pick(n, x)]
     except Exception as err:  # re-raised naming the argument
@@ -261,14 +269,12 @@ def _block_damping(diag_sums: jax.Array, counts: jax.Array, m, damping) -> jax.A
 
 
 def _woodbury_inverse(u: jax.Array, lam: jax.Array) -> jax.Array:
-    """``(lam I + U^T U)^{-1} = (I - U^T (lam I_m + U U^T)^{-1} U) / lam`` for ``U (m, B)``."""
-    x = DenseCurvature(u @ u.T, lam).solve(u)
-    inv = (jnp.eye(u.shape[1], dtype=u.dtype) - u.T @ x) / lam
-    return 0.5 * (inv + inv.T)
+    """``(lam I + U^T U)^{-1}`` for ``U (m, B)``, by the one Woodbury of the core."""
+    return WoodburyCurvature(u, lam).inverse()
 
 
 def _cholesky_inverse(f0: jax.Array, lam: jax.Array) -> jax.Array:
-    """``(F0 + lam I)^{-1}`` by Cholesky."""
+    """``(F0 + lam I)^{-1}`` by the one Cholesky inverse of the core."""
     return DenseCurvature(f0, lam).inverse()
 
 

@@ -44,7 +44,7 @@ from jax import lax
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from iobs_jax.core.curvature import _jitter
+from iobs_jax.core.curvature import _jitter, guarded_cholesky
 from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
 from iobs_jax.core.obs import greedy_obs_unchecked
 
@@ -143,7 +143,7 @@ def dense_target(w0: jax.Array, stats: LayerStats, h_damped: jax.Array) -> jax.A
     """
     rhs = (w0.astype(h_damped.dtype) @ stats.cross).T
     dead = dead_inputs(h_damped)
-    chol, _ = _cholesky(_with_diagonal(h_damped, _guarded_diagonal(h_damped, dead)))
+    chol, _ = guarded_cholesky(_with_diagonal(h_damped, _guarded_diagonal(h_damped, dead)))
     return cho_solve((chol, True), rhs).T
 
 
@@ -212,36 +212,6 @@ def _with_diagonal(h: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.where(eye, d[:, None], h)
 
 
-def _cholesky(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Lower Cholesky factor of a symmetric ``a`` (its lower triangle is read): ``(L, jitter)``.
-
-    If the factorization fails (round-off on a singular or barely definite matrix, e.g.
-    ``damping=0`` on rank-deficient calibration data) it is retried with a diagonal
-    jitter starting at ``d * eps * mean|diag|`` and growing 100x per try, so the result is
-    always finite; ``jitter`` is what was added (0 when the plain factor worked), for the
-    caller to report.
-    """
-    chol = lax.linalg.cholesky(a, symmetrize_input=False)
-    base = _jitter(jnp.diagonal(a))
-    # A failed factorization comes back all NaN: its diagonal tells.
-    finite = lambda c: jnp.all(jnp.isfinite(jnp.diagonal(c)))
-
-    def retry(_):
-        def failed(state):
-            return ~finite(state[0]) & (state[2] < 12)
-
-        def attempt(state):
-            _, _, tries = state
-            jitter = base * 100.0 ** tries.astype(a.dtype)
-            shifted = _with_diagonal(a, jnp.diagonal(a) + jitter)
-            return lax.linalg.cholesky(shifted, symmetrize_input=False), jitter, tries + 1
-
-        state = (chol, jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32))
-        return lax.while_loop(failed, attempt, state)[:2]
-
-    return lax.cond(finite(chol), lambda _: (chol, jnp.zeros((), a.dtype)), retry, None)
-
-
 class _Tri(NamedTuple):
     """An upper triangular ``R`` (``H = R R^T``), stored as ``R`` or as ``R^T``.
 
@@ -290,7 +260,7 @@ class _Tri(NamedTuple):
 @_jit
 def _inverse(h: jax.Array) -> jax.Array:
     """``H^{-1}`` by one guarded Cholesky factorization (the library's only inverse)."""
-    chol, _ = _cholesky(_with_diagonal(h, _guarded_diagonal(h, dead_inputs(h))))
+    chol, _ = guarded_cholesky(_with_diagonal(h, _guarded_diagonal(h, dead_inputs(h))))
     return cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
 
 
@@ -754,7 +724,7 @@ def _gathered_cholesky(a: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Ar
     """Cholesky of ``a[idx][:, idx]`` with padded slots replaced by the identity."""
     v = valid.astype(a.dtype)
     block = a[idx[:, None], idx[None, :]] * v[:, None] * v[None, :]
-    return _cholesky(_with_diagonal(block, jnp.diagonal(block) + 1.0 - v))[0]
+    return guarded_cholesky(_with_diagonal(block, jnp.diagonal(block) + 1.0 - v))[0]
 
 
 def _refit_kept(h, target, mask, size):
