@@ -542,18 +542,21 @@ def _sign_values(i: jax.Array, j: int, dtype: Any) -> jax.Array:
 
 
 def power_iteration(
-    matvec: Callable[[jax.Array], jax.Array], size: int, dtype: Any, num_iters: int = 50
-) -> jax.Array:
+    matvec: Callable[[jax.Array], jax.Array], size: int, dtype: Any, num_iters: int = 50,
+    *, start: jax.Array | None = None, return_vector: bool = False,
+) -> Any:
     """Estimate the largest eigenvalue of a symmetric PSD operator by power iteration.
 
-    Starts from a fixed, non-symmetric vector (no PRNG key needed, results reproducible).
-    Power iteration approaches ``lambda_max`` from below: callers that need a safe
-    ``1 / L`` step add a margin.
+    Starts from ``start``, by default a fixed, non-symmetric vector (no PRNG key needed,
+    results reproducible). Power iteration approaches ``lambda_max`` from below: callers
+    that need a safe ``1 / L`` step add a margin. With ``return_vector=True`` returns
+    ``(lambda, v)``, ``v`` the unit-norm estimate of the top eigenvector.
     """
     size = check_int(size, "size", low=1)
     num_iters = check_int(num_iters, "num_iters", low=0)
     idx = jnp.arange(size, dtype=dtype)
-    v = 1.0 + 0.5 * jnp.sin(1.0 + idx)  # fixed, generic start: not orthogonal to anything
+    # The default start is generic: not orthogonal to anything.
+    v = 1.0 + 0.5 * jnp.sin(1.0 + idx) if start is None else jnp.asarray(start, dtype)
     v = v / jnp.linalg.norm(v)
 
     def body(_, carry):
@@ -564,8 +567,8 @@ def power_iteration(
         v = jnp.where(nrm > 0, w / jnp.where(nrm > 0, nrm, 1.0), v)
         return v, lam
 
-    _, lam = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), dtype)))
-    return lam
+    v, lam = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), dtype)))
+    return (lam, v) if return_vector else lam
 
 
 HESSIAN_KINDS = ("exact", "cg")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iobs_jax.core.curvature import highest_precision
+from iobs_jax.core.masks import topk_mask
 from iobs_jax.core.validation import check_choice
 from iobs_jax.pruning import layerwise as lw
 from iobs_jax.pruning import maps as _maps
@@ -568,8 +569,7 @@ def _allocate(targets, leaves, stats, groups_of, o: PruneOptions) -> dict[str, f
         scores.append(np.asarray(s, np.float64).ravel())
     allsc = np.concatenate(scores)
     k = lw.keep_count(allsc.size, o.sparsity)
-    kept = np.zeros(allsc.size, bool)
-    kept[np.argsort(-allsc, kind="stable")[:k]] = True
+    kept = np.asarray(topk_mask(jnp.asarray(allsc), k))  # the one top-k (ties: lower index)
     out, start = {}, 0
     for t, s in zip(targets, scores, strict=True):
         out[t.name] = float(1.0 - kept[start : start + s.size].mean())

@@ -340,6 +340,7 @@ def spectral_init(design: jax.Array, observations: jax.Array, k: int,
     (padding) change nothing. Example:
     ``x0 = spectral_init(prob.design, prob.observations, k)``.
     """
+    from iobs_jax.core.curvature import power_iteration
     from iobs_jax.core.masks import _topk_mask_any  # the one top-k
 
     design, observations = jnp.asarray(design), jnp.asarray(observations)
@@ -350,10 +351,6 @@ def spectral_init(design: jax.Array, observations: jax.Array, k: int,
     m = _topk_mask_any(jnp.einsum("ni,n,ni->i", design, observations, design), k)
     y = design.T @ (observations[:, None] * design) * (m[:, None] & m[None, :])
     v = jnp.where(m, 1.0 + 0.1 * jnp.arange(design.shape[1], dtype=design.dtype), 0.0)
-
-    def body(_, v):
-        w = y @ v
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
-
-    v = jax.lax.fori_loop(0, num_iters, body, v / jnp.linalg.norm(v))
+    _, v = power_iteration(lambda u: y @ u, design.shape[1], design.dtype, num_iters,
+                           start=v, return_vector=True)
     return v * jnp.sqrt(jnp.maximum(jnp.sum(observations), 0.0))
