@@ -17,6 +17,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# The suite's time is XLA compiling thousands of small programs. Without most of XLA's
+# optimization passes they compile about 30% faster (8.4 s -> 5.7 s for four solvers and
+# two layer-wise methods, measured on 2 cores) and these small problems run as fast. The
+# tests that start their own Python (sharding, examples, commands) compile as users do,
+# fully optimized.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 # One persistent compilation cache for the whole test session, in a folder of its own
