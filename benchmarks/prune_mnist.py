@@ -325,7 +325,8 @@ def main():
                         help=f"calibration images, batches of {CALIB_BATCH} (1000)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for training (0)")
     parser.add_argument("--settings", default=",".join(SETTINGS),
-                        help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
+                        help=f"comma-separated, from {', '.join(SETTINGS).replace('%', '%%')} "
+                             "(default: all)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=1,
