@@ -132,25 +132,35 @@ def guarded_cholesky(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     always finite; ``jitter`` is what was added (0 when the plain factor worked), for the
     caller to report.
     """
-    chol = jax.lax.linalg.cholesky(a, symmetrize_input=False)
-    base = _jitter(jnp.diagonal(a))
+    factor = lambda m: jax.lax.linalg.cholesky(m, symmetrize_input=False)
+    chol = factor(a)
     # A failed factorization comes back all NaN: its diagonal tells.
     finite = lambda c: jnp.all(jnp.isfinite(jnp.diagonal(c)))
 
     def retry(_):
-        def failed(state):
-            return ~finite(state[0]) & (state[2] < 12)
-
-        def attempt(state):
-            _, _, tries = state
-            jitter = base * 100.0 ** tries.astype(a.dtype)
-            shifted = _add_to_diagonal(a, jitter)
-            return jax.lax.linalg.cholesky(shifted, symmetrize_input=False), jitter, tries + 1
-
-        state = (chol, jnp.zeros((), a.dtype), jnp.zeros((), jnp.int32))
-        return jax.lax.while_loop(failed, attempt, state)[:2]
+        return grow_jitter(lambda j: factor(_add_to_diagonal(a, j)), finite,
+                           _jitter(jnp.diagonal(a)))
 
     return jax.lax.cond(finite(chol), lambda _: (chol, jnp.zeros((), a.dtype)), retry, None)
+
+
+def grow_jitter(factor: Callable[[jax.Array], Any], ok: Callable[[Any], jax.Array],
+                base: jax.Array, max_tries: int = 12) -> tuple[Any, jax.Array]:
+    """``factor(jitter)`` for ``jitter = base * 100**t``, ``t = 0, 1, ...``, until
+    ``ok(result)`` or ``max_tries`` calls: ``(result, jitter)``. The one retry rule of the
+    library's factorizations (a plain factor that failed from round-off on a singular or
+    barely definite matrix), with ``base`` a round-off-sized jitter such as
+    ``d * eps * mean|diag|``."""
+
+    def failed(state):
+        return ~ok(state[0]) & (state[2] < max_tries)
+
+    def attempt(state):
+        jitter = base * 100.0 ** state[2].astype(base.dtype)
+        return factor(jitter), jitter, state[2] + 1
+
+    state = (factor(base), base, jnp.ones((), jnp.int32))
+    return jax.lax.while_loop(failed, attempt, state)[:2]
 
 
 class DenseCurvature:

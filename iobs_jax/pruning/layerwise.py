@@ -44,7 +44,7 @@ from jax import lax
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from iobs_jax.core.curvature import _jitter, guarded_cholesky
+from iobs_jax.core.curvature import _jitter, grow_jitter, guarded_cholesky
 from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
 from iobs_jax.core.obs import greedy_obs_unchecked
 
@@ -476,17 +476,8 @@ def _factor_ok(fac):
 def _factor_retry(h, dead, block):
     """Factor ``H + jitter I`` with a jitter from ``d * eps * mean|diag|`` growing 100x per
     try until the factor is finite (round-off on a singular or barely definite ``H``)."""
-    base = _jitter(jnp.diagonal(h))
-
-    def failed(state):
-        return ~_factor_ok(state[0]) & (state[1] < 12)
-
-    def attempt(state):
-        jitter = base * 100.0 ** state[1].astype(h.dtype)
-        return _factor_arrays(h, dead, block, jitter), state[1] + 1
-
-    first = _factor_arrays(h, dead, block, base)
-    return lax.while_loop(failed, attempt, (first, jnp.ones((), jnp.int32)))[0]
+    return grow_jitter(lambda j: _factor_arrays(h, dead, block, j), _factor_ok,
+                       _jitter(jnp.diagonal(h)))[0]
 
 
 def _factor_checked(h, dead, block):
