@@ -79,8 +79,8 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         return importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
 
-    def exec_module(self, module):  # already executed under its new name
-        pass
+    def exec_module(self, module):
+        """Nothing to run: the module was executed once, under its new name."""
 
 
 if not any(isinstance(f, _OldNames) for f in sys.meta_path):

@@ -63,8 +63,7 @@ def out_dir(path: str) -> Path:
     out = Path(path).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".iobs-jax-write-test"):
-            pass
+        tempfile.NamedTemporaryFile(dir=out, prefix=".iobs-jax-write-test").close()
     except OSError as err:
         raise ValueError(f"--out: cannot write to {str(out)!r} ({err.strerror}).") from None
     return out

@@ -159,6 +159,6 @@ def plot(records: Sequence[dict], path: Path) -> Path:
         ax.set_ylabel("mean cosine to dense embeddings")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    from iobs_jax.recovery.plots import _save
+    from iobs_jax.core.files import save_figure
 
-    return _save(fig, plt, path, dpi=120)
+    return save_figure(fig, path, dpi=120)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iobs_jax.core.files import save_figure
+
 __all__ = ["plot_phase_transition", "plot_convergence", "plot_image_grid"]
 
 
@@ -69,7 +71,7 @@ def plot_phase_transition(rows: Sequence[Mapping], path: str | Path, *,
     fig.colorbar(im, ax=axes[0].tolist(), label="success rate", shrink=0.8)
     d = rows[0].get("d", "?")
     fig.suptitle(f"Recovery success, d = {d}, noise = {noise:g}", fontsize=10)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_convergence(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, *,
@@ -97,7 +99,7 @@ def plot_convergence(curves: Mapping[str, Mapping[str, np.ndarray]], path: str |
     axes[1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def plot_image_grid(truth: np.ndarray, recovered: Mapping[str, np.ndarray], path: str | Path,
@@ -131,18 +133,4 @@ def plot_image_grid(truth: np.ndarray, recovered: Mapping[str, np.ndarray], path
         axes[i, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     fig.subplots_adjust(left=label_width / width, right=0.99, top=0.97, bottom=0.01,
                         hspace=0.35, wspace=0.05)
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path, dpi: int = 110) -> Path:
-    """Write the PNG under a temporary name and rename it: never a half-written figure."""
-    from iobs_jax.core.files import atomic_path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
