@@ -135,6 +135,40 @@ def test_conjugate_gradient_is_exact_on_spd_and_finite_below_precision(rng):
     assert not bool(jnp.any(zero))
 
 
+def test_row_batched_cg_step_equals_one_cg_per_row(rng):
+    """The one CG recurrence with a row-wise inner product (the layer-wise refit's use)
+    runs an independent CG per column of a slab: equal to cg_solve on each system."""
+    from iobs_jax.core.curvature import CGState, cg_solve, cg_step
+
+    d, rows, iters = 6, 4, 4
+    hs = np.stack([random_spd(rng, d) for _ in range(rows)])  # one system per column
+    b = jnp.asarray(rng.normal(size=(d, rows)))
+    apply = lambda p: jnp.einsum("rij,jr->ir", jnp.asarray(hs), p)
+    rowdot = lambda u, v: jnp.sum(u * v, axis=0, keepdims=True)
+    state = CGState(jnp.zeros_like(b), b, b, rowdot(b, b))
+    for _ in range(iters):
+        state, alpha, _ = cg_step(state, apply(state.p), rowdot)
+        assert alpha.shape == (1, rows)
+    for r in range(rows):
+        one = cg_solve(lambda v, h=jnp.asarray(hs[r]): h @ v, b[:, r], tol=0.0, maxiter=iters)
+        np.testing.assert_allclose(state.x[:, r], one, rtol=1e-10, atol=1e-12)
+    state = CGState(jnp.zeros_like(b), b, b, rowdot(b, b))
+    for _ in range(d):  # d steps of exact arithmetic solve a d x d system
+        state, _, _ = cg_step(state, apply(state.p), rowdot)
+    exact = np.stack([np.linalg.solve(hs[r], b[:, r]) for r in range(rows)], axis=1)
+    np.testing.assert_allclose(state.x, exact, rtol=1e-6, atol=1e-8)
+
+
+def test_cholesky_inverse_is_the_inverse(rng):
+    from iobs_jax.core.curvature import cholesky_inverse
+
+    h = random_spd(rng, 7)
+    np.testing.assert_allclose(cholesky_inverse(jnp.linalg.cholesky(jnp.asarray(h))),
+                               np.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ij.DenseCurvature(jnp.asarray(h)).inverse(), np.linalg.inv(h),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_newton_direction_raises_on_indefinite_hessian_instead_of_nan():
     f = lambda x: jnp.sum(3.0 * jnp.sin(x) - 0.1 * x**2)  # Hessian indefinite at (1.5, -1.5)
     with pytest.raises(ValueError, match="not positive definite"):

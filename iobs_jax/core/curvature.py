@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,20 @@ def guarded_cholesky(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(finite(chol), lambda _: (chol, jnp.zeros((), a.dtype)), retry, None)
 
 
+def cholesky_inverse(chol: jax.Array) -> jax.Array:
+    """``A^{-1}`` from the lower Cholesky factor ``L`` of ``A = L L^T``: the library's one
+    dense inverse (``cho_solve`` against the identity), used by every curvature class,
+    the layer-wise methods and OBS pursuit.
+
+    Example:
+      >>> a = jnp.array([[4.0, 2.0], [2.0, 2.0]])
+      >>> (cholesky_inverse(jnp.linalg.cholesky(a)) @ a).round(4)
+      Array([[1., 0.],
+             [0., 1.]], dtype=float32)
+    """
+    return cho_solve((chol, True), jnp.eye(chol.shape[-1], dtype=chol.dtype))
+
+
 def grow_jitter(factor: Callable[[jax.Array], Any], ok: Callable[[Any], jax.Array],
                 base: jax.Array, max_tries: int = 12) -> tuple[Any, jax.Array]:
     """``factor(jitter)`` for ``jitter = base * 100**t``, ``t = 0, 1, ...``, until
@@ -201,7 +215,7 @@ class DenseCurvature:
         return cho_solve((self.chol, True), b.astype(self.dtype))
 
     def inverse(self) -> jax.Array:
-        return self.solve(jnp.eye(self.size, dtype=self.dtype))
+        return cholesky_inverse(self.chol)
 
     def mean_diag(self) -> jax.Array:
         return jnp.mean(jnp.diagonal(self._damped))
@@ -355,15 +369,15 @@ class WoodburyCurvature:
         return jax.tree.map(lambda r: jnp.tensordot(c, r, axes=1),
                             self.rows if rows is None else rows)
 
-    def _small(self, rows: Any) -> tuple[jax.Array, bool]:
+    def _small(self, rows: Any) -> jax.Array:
+        """Lower Cholesky factor of ``K = damping I_m + U U^T``."""
         gram = functools.reduce(jnp.add, [
             jnp.tensordot(r, r, axes=(list(range(1, r.ndim)),) * 2)
             for r in jax.tree.leaves(rows)])
-        return jax.scipy.linalg.cho_factor(gram + self.damping * jnp.eye(self.m,
-                                                                           dtype=self.dtype))
+        return jnp.linalg.cholesky(gram + self.damping * jnp.eye(self.m, dtype=self.dtype))
 
     def _woodbury(self, rows: Any, b: Any) -> Any:
-        c = jax.scipy.linalg.cho_solve(self._small(rows), self._u(b, rows))
+        c = cho_solve((self._small(rows), True), self._u(b, rows))
         return jax.tree.map(lambda bi, ui: (bi - ui) / self.damping, b, self._ut(c, rows))
 
     def matvec(self, v: Any) -> Any:
@@ -373,8 +387,7 @@ class WoodburyCurvature:
         return self._woodbury(self.rows, b)
 
     def inverse_diag(self) -> Any:
-        kinv = jax.scipy.linalg.cho_solve(self._small(self.rows),
-                                          jnp.eye(self.m, dtype=self.dtype))
+        kinv = cholesky_inverse(self._small(self.rows))
         return jax.tree.map(
             lambda r: (1.0 - jnp.sum(r * jnp.tensordot(kinv, r, axes=1), axis=0))
             / self.damping, self.rows)
@@ -387,7 +400,7 @@ class WoodburyCurvature:
         return 0.5 * (inv + inv.T)
 
     def _kinv_u(self, u: jax.Array) -> jax.Array:
-        return jax.scipy.linalg.cho_solve(self._small(u), u)
+        return cho_solve((self._small(u), True), u)
 
     def masked_solve(self, mask: Any, b: Any, size: int | None = None) -> Any:
         # Restricted to Q the curvature is U_Q^T U_Q + damping I: Woodbury on masked U.
@@ -491,31 +504,69 @@ def cg_solve(op, b, x0=None, *, tol=1e-6, maxiter=100, truncate=None) -> jax.Arr
     def body(carry):
         i, x, r, p, rs, _, top = carry
         ap = op(p)
-        pap = _vdot(p, ap)
         # The largest ||A p|| / ||p|| seen: the operator's scale, to tell a null-space
         # direction (A p ~ 0, fine for a singular PSD op) from a non-PSD one.
         norm_p, norm_ap = _norm(p), _norm(ap)
         top = jnp.maximum(top, norm_ap / jnp.where(norm_p > 0, norm_p, 1.0))
+        (x, r, p, rs_new), _, pap = cg_step(CGState(x, r, p, rs), ap)
         # p^T A p <= 0 with A p clearly nonzero cannot happen for a PSD A (there
         # p^T A p >= ||A p||^2 / lambda_max), even with round-off, in any precision.
         ok = pap > 0
         negative = ~ok & (norm_ap > jnp.sqrt(eps) * top * norm_p)
-        alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
-        x = tm(lambda xi, pi: xi + alpha * pi, x, p)
         if truncate == "gradient":
             x = tm(lambda xi, bi: jnp.where(negative & (i == 0), bi, xi), x, b)
         elif truncate is None:
             x = tm(lambda xi: jnp.where(negative, jnp.nan, xi), x)
         x = tm(lambda xi: jnp.where(jnp.isfinite(pap), xi, jnp.nan), x)
-        r = tm(lambda ri, api: ri - alpha * api, r, ap)
-        rs_new = _vdot(r, r)
-        beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
-        return i + 1, x, r, tm(lambda ri, pi: ri + beta * pi, r, p), rs_new, ~ok, top
+        return i + 1, x, r, p, rs_new, ~ok, top
 
     init = (0, x, r, r, rs, jnp.array(False), jnp.zeros((), dtype))
     _, x, *_ = jax.lax.while_loop(cond, body, init)
     # A non-finite right-hand side (or op(x0)) stops the loop at once: not a solution.
     return tm(lambda xi: jnp.where(jnp.isfinite(rs), xi, jnp.nan), x)
+
+
+class CGState(NamedTuple):
+    """Conjugate-gradient iterate ``x``, residual ``r = b - A x``, direction ``p`` and
+    ``rs = <r, r>`` (arrays or pytrees; ``rs`` has the shape ``dot`` returns)."""
+
+    x: Any
+    r: Any
+    p: Any
+    rs: jax.Array
+
+
+def cg_step(state: CGState, ap: Any, dot: Callable[[Any, Any], jax.Array] | None = None
+            ) -> tuple[CGState, jax.Array, jax.Array]:
+    """One conjugate-gradient iteration, given ``ap = A p``: ``(state, alpha, p^T A p)``.
+
+    ``alpha = <r, r> / <p, A p>``, ``x += alpha p``, ``r -= alpha A p``,
+    ``p = r + (<r', r'> / <r, r>) p``. The one CG recurrence of the library, used by
+    :func:`cg_solve` and by the layer-wise refit, which runs one CG per row at once:
+    ``dot`` is then a row-wise inner product and ``alpha`` a vector of step sizes
+    (default: the inner product of two pytrees). ``alpha = 0`` where ``p^T A p <= 0``
+    (the caller decides what that means); a zero residual gives ``beta = 0``.
+
+    Example:
+      >>> a = jnp.array([[2.0, 0.0], [0.0, 4.0]]); b = jnp.array([2.0, 4.0])
+      >>> s = CGState(jnp.zeros(2), b, b, b @ b)
+      >>> for _ in range(2):
+      ...     s, _, _ = cg_step(s, a @ s.p)
+      >>> s.x.round(4)
+      Array([1., 1.], dtype=float32)
+    """
+    dot = _vdot if dot is None else dot
+    tm = jax.tree.map
+    pap = dot(state.p, ap)
+    ok = pap > 0
+    alpha = jnp.where(ok, state.rs / jnp.where(ok, pap, 1.0), 0.0)
+    x = tm(lambda xi, pi: xi + alpha * pi, state.x, state.p)
+    r = tm(lambda ri, api: ri - alpha * api, state.r, ap)
+    rs = dot(r, r)
+    nonzero = state.rs > 0
+    beta = jnp.where(nonzero, rs / jnp.where(nonzero, state.rs, 1.0), 0.0)
+    p = tm(lambda ri, pi: ri + beta * pi, r, state.p)
+    return CGState(x, r, p, rs), alpha, pap
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:

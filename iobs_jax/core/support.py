@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
-from iobs_jax.core.curvature import DenseCurvature
+from iobs_jax.core.curvature import DenseCurvature, guarded_cholesky
 
 __all__ = ["support_slots", "count_jitter", "support_cholesky", "dense_support_solve"]
 
@@ -43,15 +43,24 @@ def count_jitter(diag: jax.Array, count: Any) -> jax.Array:
     return count * eps * jnp.maximum(mean, tiny)
 
 
-def support_cholesky(block: jax.Array, valid: jax.Array, count: Any) -> jax.Array:
-    """Lower Cholesky factor of a gathered block, as :class:`DenseCurvature` factors it
-    (symmetrized, plus its round-off jitter) on the ``valid`` slots, ``s I`` on the others."""
+def support_cholesky(block: jax.Array, valid: jax.Array, count: Any, *,
+                     guarded: bool = False) -> jax.Array:
+    """Lower Cholesky factor of a gathered block: the block (symmetrized) on the ``valid``
+    slots, ``s I`` on the others.
+
+    ``guarded=False`` factors as :class:`DenseCurvature` does, with its round-off jitter
+    added up front; ``guarded=True`` adds nothing unless the plain factor fails, then
+    retries by :func:`~iobs_jax.core.curvature.guarded_cholesky` (the layer-wise methods,
+    whose Hessians are damped already).
+    """
     both = valid[:, None] & valid[None, :]
     sym = jnp.where(both, 0.5 * (block + block.T), 0.0)
     diag = jnp.diagonal(sym)
-    jitter = count_jitter(diag, count)
     fill = jnp.sum(jnp.abs(diag)) / jnp.maximum(count, 1)
     fill = jnp.where(fill > 0, fill, 1.0)
+    if guarded:
+        return guarded_cholesky(sym + jnp.diag(jnp.where(valid, 0.0, fill)))[0]
+    jitter = count_jitter(diag, count)
     return jnp.linalg.cholesky(sym + jnp.diag(jnp.where(valid, jitter, fill)))
 
 

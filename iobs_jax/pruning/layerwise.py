@@ -44,8 +44,16 @@ from jax import lax
 from jax._src import core as jax_core  # trace_state_clean: no public equivalent
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from iobs_jax.core.curvature import _jitter, grow_jitter, guarded_cholesky
+from iobs_jax.core.curvature import (
+    CGState,
+    _jitter,
+    cg_step,
+    cholesky_inverse,
+    grow_jitter,
+    guarded_cholesky,
+)
 from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
+from iobs_jax.core.support import support_cholesky, support_slots
 from iobs_jax.core.obs import greedy_obs_unchecked
 
 # Rows are solved in chunks: a (rows, k, k) batch of gathered blocks does not fit in
@@ -259,9 +267,9 @@ class _Tri(NamedTuple):
 
 @_jit
 def _inverse(h: jax.Array) -> jax.Array:
-    """``H^{-1}`` by one guarded Cholesky factorization (the library's only inverse)."""
+    """``H^{-1}`` from one guarded Cholesky factor (dead inputs decoupled first)."""
     chol, _ = guarded_cholesky(_with_diagonal(h, _guarded_diagonal(h, dead_inputs(h))))
-    return cho_solve((chol, True), jnp.eye(h.shape[0], dtype=h.dtype))
+    return cholesky_inverse(chol)
 
 
 # ------------------------------------------------------------------- the column sweep
@@ -636,24 +644,19 @@ def _refit_cg(op: _Refit, d, e, tol, maxiter):
         return (it < maxiter) & (gain > tol * loss)
 
     def body(c):
-        it, _, _, y, ep, d, res, p, rr = c
-        zp, pk = op.k(p)
-        ap = p + op.kt(pk)
-        pap = _rowdot(p, ap)
-        alpha = jnp.where(pap > 0, rr / jnp.maximum(pap, tiny), 0.0)
-        y, ep, d = y + alpha * p, ep + alpha * pk, d + alpha * zp
-        res = res - alpha * ap
-        rr_new = _rowdot(res, res)
-        p = res + (rr_new / jnp.maximum(rr, tiny)) * p
-        loss = jnp.sum(y * y) + jnp.sum(ep * ep)
-        return it + 1, jnp.sum(alpha * rr), loss, y, ep, d, res, p, rr_new
+        it, _, _, cg, ep, d = c
+        zp, pk = op.k(cg.p)
+        new, alpha, _ = cg_step(cg, cg.p + op.kt(pk), _rowdot)
+        ep, d = ep + alpha * pk, d + alpha * zp
+        loss = jnp.sum(new.x * new.x) + jnp.sum(ep * ep)
+        return it + 1, jnp.sum(alpha * cg.rs), loss, new, ep, d
 
     inf = jnp.asarray(jnp.inf, d.dtype)
-    init = (jnp.zeros((), jnp.int32), inf, loss, y, ep, d, res, res, rr)
-    it, gain, loss, y, ep, d, _, _, rr_end = lax.while_loop(cond, body, init)
-    residual = jnp.sqrt(jnp.sum(rr_end) / jnp.maximum(jnp.sum(rr), tiny))
+    init = (jnp.zeros((), jnp.int32), inf, loss, CGState(y, res, res, rr), ep, d)
+    it, gain, loss, cg, ep, d = lax.while_loop(cond, body, init)
+    residual = jnp.sqrt(jnp.sum(cg.rs) / jnp.maximum(jnp.sum(rr), tiny))
     converged = (gain <= tol * loss) | (jnp.sum(rr) == 0)
-    return d, y + ep, (it, gain / jnp.maximum(loss, tiny), residual, converged)
+    return d, cg.x + ep, (it, gain / jnp.maximum(loss, tiny), residual, converged)
 
 
 def refit(
@@ -704,26 +707,23 @@ def _bucket(size: int, cols: int) -> int:
     return min(cols, -(-size // 16) * 16)
 
 
-def _padded_support(mask_row: jax.Array, size: int):
-    """Indices of the True entries padded to ``size`` and a validity vector."""
-    idx = jnp.nonzero(mask_row, size=size, fill_value=0)[0]
-    valid = jnp.arange(size) < jnp.sum(mask_row)
-    return idx, valid
+def _support(mask_row: jax.Array, size: int):
+    """The True entries of ``mask_row`` in ``size`` slots (the core's padded support)."""
+    count = jnp.sum(mask_row)
+    idx, valid = support_slots(mask_row, count, size)
+    return idx, valid, count
 
 
-def _gathered_cholesky(a: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
-    """Cholesky of ``a[idx][:, idx]`` with padded slots replaced by the identity."""
-    v = valid.astype(a.dtype)
-    block = a[idx[:, None], idx[None, :]] * v[:, None] * v[None, :]
-    return guarded_cholesky(_with_diagonal(block, jnp.diagonal(block) + 1.0 - v))[0]
+def _support_factor(a: jax.Array, idx: jax.Array, valid: jax.Array, count) -> jax.Array:
+    return support_cholesky(a[idx[:, None], idx[None, :]], valid, count, guarded=True)
 
 
 def _refit_kept(h, target, mask, size):
     """Q-form: ``w_Q = t_Q + H_QQ^{-1} (H (t * (1 - m)))_Q`` (correction form)."""
 
     def one(t, m):
-        idx, valid = _padded_support(m, size)
-        chol = _gathered_cholesky(h, idx, valid)
+        idx, valid, count = _support(m, size)
+        chol = _support_factor(h, idx, valid, count)
         rhs = (h @ jnp.where(m, 0.0, t))[idx] * valid
         z = cho_solve((chol, True), rhs) * valid
         return jnp.where(m, t, 0.0).at[idx].add(z * valid)
@@ -735,8 +735,8 @@ def _refit_removed(g, target, mask, size):
     """P-form: ``w = t - G[:, P] (G_PP)^{-1} t_P`` with ``G = H^{-1}``."""
 
     def one(t, m):
-        idx, valid = _padded_support(~m, size)
-        chol = _gathered_cholesky(g, idx, valid)
+        idx, valid, count = _support(~m, size)
+        chol = _support_factor(g, idx, valid, count)
         y = cho_solve((chol, True), t[idx] * valid) * valid
         gp = g[:, idx] * valid[None, :]
         return jnp.where(m, t - gp @ y, 0.0)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
+from iobs_jax.core.curvature import cholesky_inverse
 from iobs_jax.core.masks import _topk_mask_any
 from iobs_jax.core.obs import greedy_obs_unchecked
 from iobs_jax.core.support import count_jitter, support_cholesky, support_slots
@@ -428,7 +429,7 @@ class OBSPursuit:
         if more is False:  # c == k: nothing to prune
             keep = valid
         else:
-            g = cho_solve((chol, True), jnp.eye(capacity, dtype=chol.dtype))
+            g = cholesky_inverse(chol)
             z, keep = greedy_obs_unchecked(z, g, self.k)
         keep = keep & valid
         mask = jnp.zeros((d,), bool).at[idx].max(keep)
