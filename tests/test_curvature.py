@@ -150,7 +150,8 @@ def test_row_batched_cg_step_equals_one_cg_per_row(rng):
         state, alpha, _ = cg_step(state, apply(state.p), rowdot)
         assert alpha.shape == (1, rows)
     for r in range(rows):
-        one = cg_solve(lambda v, h=jnp.asarray(hs[r]): h @ v, b[:, r], tol=0.0, maxiter=iters)
+        h = jnp.asarray(hs[r])
+        one = cg_solve(lambda v, h=h: h @ v, b[:, r], tol=0.0, maxiter=iters)
         np.testing.assert_allclose(state.x[:, r], one, rtol=1e-10, atol=1e-12)
     state = CGState(jnp.zeros_like(b), b, b, rowdot(b, b))
     for _ in range(d):  # d steps of exact arithmetic solve a d x d system

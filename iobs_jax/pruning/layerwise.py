@@ -53,8 +53,8 @@ from iobs_jax.core.curvature import (
     guarded_cholesky,
 )
 from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
-from iobs_jax.core.support import support_cholesky, support_slots
 from iobs_jax.core.obs import greedy_obs_unchecked
+from iobs_jax.core.support import support_cholesky, support_slots
 
 # Rows are solved in chunks: a (rows, k, k) batch of gathered blocks does not fit in
 # cache (or memory) for wide layers, and lax.map keeps one compiled body.
