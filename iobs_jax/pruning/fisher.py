@@ -134,38 +134,16 @@ def fisher_prune(
     rest = jax.device_put([None if i in sel else x for i, x in enumerate(leaves)])
     work = compute_dtype(jnp.result_type(*sel_vals))
     d = sum(v.size for v in sel_vals)
-    nb, chunk = -(-d // b), min(batch_size, m)
-    try:
-        hash(loss_fn)
-    except TypeError:  # a static jit argument must be hashable
-        loss_fn = functools.partial(loss_fn)
-    static = {"loss_fn": loss_fn, "treedef": treedef, "sel": tuple(sel)}
-    first = jax.tree.map(lambda x: x[0], ex)
-    try:
-        out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
-    except Exception as err:  # re-raised naming the arguments
-        raise ValueError(f"loss_fn(params, example) failed on the first example (shapes "
-                         f"{[np.shape(x) for x in jax.tree.leaves(first)]}); check that "
-                         f"examples match params. {type(err).__name__}: {err}") from err
-    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(f"loss_fn must return a floating scalar for ONE example; got shape "
-                         f"{out.shape}, dtype {out.dtype} (pass single examples, not batches).")
+    static = {"loss_fn": _hashable(loss_fn), "treedef": treedef, "sel": tuple(sel)}
+    _check_loss_fn(static, sel_vals, rest, ex)
     woodbury = m < b  # keep the (m, nb, B) gradients, else accumulate G_b^T G_b
-    second = (-(-m // chunk) * chunk, nb, b) if woodbury else (nb, b, b)
-    acc, bad = (jnp.zeros((nb, b), work), jnp.zeros(second, work)), []
-    for s in range(0, m, chunk):  # dispatched asynchronously, checked once at the end
-        acc, flags = _chunk_stats(sel_vals, rest, ex, s, m, acc, chunk=chunk, woodbury=woodbury,
-                                  **static)
-        bad.append(flags)
-    bad = np.concatenate([np.asarray(f) for f in bad])
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise ValueError(f"the gradient of {names[sel[col]]!r} for example {row} is not finite "
-                         f"(NaN or inf); check loss_fn and the examples.")
+    acc = _gradient_statistics(static, sel_vals, rest, ex, m, b, min(batch_size, m), work,
+                               woodbury, [names[i] for i in sel])
     step = jnp.asarray(float(step_size) if newton_step else 0.0, work)
     damping = jnp.asarray(float(damping), work)
     ginv, theta, scores = _newton_and_saliency(sel_vals, *acc, m, damping, step, woodbury=woodbury)
     _check_statistics(ginv, theta, scores, d, work)
+    nb = scores.shape[0]
     keep = d - int(round(sparsity * d)) + (nb * b - d)  # the padding (score inf) is kept
     mask = _topk_mask_flat(scores.ravel(), keep).reshape(nb, b)  # outside jit: k varies
     pieces, kept, cost, count, finite = _obs_update(sel_vals, ginv, theta, mask)
@@ -182,6 +160,47 @@ def fisher_prune(
                                            np.asarray(cost[1]))))
     report = FisherReport(masks, 1.0 - int(count) / d, m, b, increase, took)
     return jax.tree.unflatten(treedef, new_leaves), report
+
+
+def _hashable(loss_fn: Callable) -> Callable:
+    try:
+        hash(loss_fn)
+    except TypeError:  # a static jit argument must be hashable
+        return functools.partial(loss_fn)
+    return loss_fn
+
+
+def _check_loss_fn(static: dict, sel_vals: list, rest: list, ex: Any) -> None:
+    """``loss_fn(params, example)`` must trace on one example to a floating scalar."""
+    first = jax.tree.map(lambda x: x[0], ex)
+    try:
+        out = jax.eval_shape(functools.partial(_loss_of, **static), sel_vals, rest, first)
+    except Exception as err:  # re-raised naming the arguments
+        raise ValueError(f"loss_fn(params, example) failed on the first example (shapes "
+                         f"{[np.shape(x) for x in jax.tree.leaves(first)]}); check that "
+                         f"examples match params. {type(err).__name__}: {err}") from err
+    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"loss_fn must return a floating scalar for ONE example; got shape "
+                         f"{out.shape}, dtype {out.dtype} (pass single examples, not batches).")
+
+
+def _gradient_statistics(static, sel_vals, rest, ex, m, b, chunk, work, woodbury, names):
+    """The gradient sum ``(nb, B)`` and the second-moment statistics over ``m`` examples
+    (per-example gradients when ``woodbury``, else the ``(nb, B, B)`` sums of ``g g^T``),
+    in chunks of ``chunk`` examples; a non-finite gradient raises, naming its leaf."""
+    nb = -(-sum(v.size for v in sel_vals) // b)
+    second = (-(-m // chunk) * chunk, nb, b) if woodbury else (nb, b, b)
+    acc, bad = (jnp.zeros((nb, b), work), jnp.zeros(second, work)), []
+    for s in range(0, m, chunk):  # dispatched asynchronously, checked once at the end
+        acc, flags = _chunk_stats(sel_vals, rest, ex, s, m, acc, chunk=chunk, woodbury=woodbury,
+                                  **static)
+        bad.append(flags)
+    bad = np.concatenate([np.asarray(f) for f in bad])
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"the gradient of {names[col]!r} for example {row} is not finite "
+                         f"(NaN or inf); check loss_fn and the examples.")
+    return acc
 
 
 def _count_examples(ex: Any, num_examples: int | None) -> int:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -414,31 +415,80 @@ def sweep(
       >>> import tempfile
       >>> csv_path, json_path = res.save(tempfile.mkdtemp())  # results.csv, results.json
     """
-    d = check_int(d, "d", low=1)
-    ns, ks = _ints(n, "n", 1), _ints(k, "k", 0)
-    noises = tuple(float(check_nonnegative_scalar(v, "noise"))
-                   for v in (noise if isinstance(noise, Sequence) else (noise,)))
-    if not noises:
-        raise ValueError("noise must list at least one value.")
-    trials = check_int(trials, "trials", low=1)
-    chunk_size = check_int(chunk_size, "chunk_size", low=1)
+    st = _Settings.checked(d=d, n=n, k=k, noise=noise, trials=trials, problem=problem,
+                           design=design, rho=rho, prior=prior, signals=signals,
+                           success_tol=success_tol, dtype=dtype, chunk_size=chunk_size,
+                           maxiter=maxiter)
     key = check_key(key)
-    check_choice(problem, "problem", PROBLEMS)
-    check_choice(prior, "prior", (*problems.PRIORS, "mnist"))
-    if not 0 < success_tol:
-        raise ValueError(f"success_tol must be > 0; got {success_tol}.")
-    if prior == "mnist":
-        if signals is None or problem != "linear":
-            raise ValueError("prior='mnist' needs signals=(N, d) images and problem='linear'.")
-        signals = jnp.asarray(signals, problems._dtype(dtype))
-        if signals.ndim != 2 or signals.shape[1] != d:
-            raise ValueError(f"signals must be (N, d={d}); got shape {signals.shape}.")
-    elif signals is not None:
-        raise ValueError(f"signals= is only used with prior='mnist' (got prior={prior!r}).")
-    if max(ks) > d:
-        raise ValueError(f"k must be <= d={d}; got k={max(ks)}.")
-    factories_given = isinstance(solvers, Mapping)
-    if factories_given:
+    factories = _factories(solvers)
+    devices = list(jax.devices() if devices is None else devices)
+    # One program per solver needs padded instances equal to the unpadded ones: a draw of
+    # n rows must start with the draw of m rows (JAX's default partitionable PRNG).
+    grid = (not per_cell and not isinstance(solvers, Mapping)
+            and jax.config.jax_threefry_partitionable)
+    rows, per_trial = _run_cells(st, factories, key, devices, grid, progress)
+    config = dict(d=st.d, n=list(st.ns), k=list(st.ks), noise=list(st.noises), trials=st.trials,
+                  problem=problem, design=design, rho=rho, prior=prior,
+                  success_tol=success_tol, methods=list(factories), devices=len(devices),
+                  chunk_size=st.chunk_size, backend=jax.default_backend(),
+                  dtype=str(jnp.dtype(problems._dtype(dtype))))
+    return SweepResult(rows, per_trial, config)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Settings:
+    """A sweep's checked settings (the grid, the generator, the solvers' shared options)."""
+
+    d: int
+    ns: tuple
+    ks: tuple
+    noises: tuple
+    trials: int
+    problem: str
+    design: str
+    rho: float
+    prior: str
+    signals: Any
+    success_tol: float
+    dtype: Any
+    chunk_size: int
+    maxiter: int | None
+
+    @classmethod
+    def checked(cls, *, d, n, k, noise, trials, problem, design, rho, prior, signals,
+                success_tol, dtype, chunk_size, maxiter) -> _Settings:
+        d = check_int(d, "d", low=1)
+        ns, ks = _ints(n, "n", 1), _ints(k, "k", 0)
+        noises = tuple(float(check_nonnegative_scalar(v, "noise"))
+                       for v in (noise if isinstance(noise, Sequence) else (noise,)))
+        if not noises:
+            raise ValueError("noise must list at least one value.")
+        check_choice(problem, "problem", PROBLEMS)
+        check_choice(prior, "prior", (*problems.PRIORS, "mnist"))
+        if not 0 < success_tol:
+            raise ValueError(f"success_tol must be > 0; got {success_tol}.")
+        if prior == "mnist":
+            if signals is None or problem != "linear":
+                raise ValueError("prior='mnist' needs signals=(N, d) images and "
+                                 "problem='linear'.")
+            signals = jnp.asarray(signals, problems._dtype(dtype))
+            if signals.ndim != 2 or signals.shape[1] != d:
+                raise ValueError(f"signals must be (N, d={d}); got shape {signals.shape}.")
+        elif signals is not None:
+            raise ValueError(f"signals= is only used with prior='mnist' (got prior={prior!r}).")
+        if max(ks) > d:
+            raise ValueError(f"k must be <= d={d}; got k={max(ks)}.")
+        return cls(d, ns, ks, noises, check_int(trials, "trials", low=1), problem, design,
+                   float(rho), prior, signals, success_tol, dtype,
+                   check_int(chunk_size, "chunk_size", low=1), maxiter)
+
+    def cells(self) -> list[tuple[int, int, int]]:
+        return [(nn, kk, ii) for nn in self.ns for kk in self.ks for ii in range(len(self.noises))]
+
+
+def _factories(solvers) -> dict:
+    """``name -> factory`` (``None`` for a named solver, built by the sweep itself)."""
+    if isinstance(solvers, Mapping):
         factories = dict(solvers)
         if not all(callable(f) for f in factories.values()):
             raise TypeError("solvers must map names to factories k -> solver.")
@@ -449,30 +499,27 @@ def sweep(
         factories = {name: None for name in names}
     if not factories:
         raise ValueError("solvers must name at least one solver.")
-    devices = list(jax.devices() if devices is None else devices)
-    padded, chunk = _layout(trials, len(devices), chunk_size)
+    return factories
+
+
+def _run_cells(st: _Settings, factories: dict, key, devices: list, grid: bool, progress):
+    """Every cell x solver: ``(rows, per_trial)``. With ``grid`` one compiled program per
+    solver (and shape bucket) serves all cells, its ``n``, ``k`` and noise traced."""
+    padded, chunk = _layout(st.trials, len(devices), st.chunk_size)
     mesh = Mesh(np.asarray(devices), ("batch",))
     split, shared = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    # One program per solver needs padded instances equal to the unpadded ones: a draw of
-    # n rows must start with the draw of m rows (JAX's default partitionable PRNG).
-    grid = not per_cell and factories_given is False and jax.config.jax_threefry_partitionable
-    dt = jnp.dtype(problems._dtype(dtype))
-    buckets = {name: _n_buckets(name, ns, d) for name in factories}
-    rows, per_trial = [], {}
-    cells = [(nn, kk, ii) for nn in ns for kk in ks for ii in range(len(noises))]
-    total, done = len(cells) * len(factories), 0
+    dt = jnp.dtype(problems._dtype(st.dtype))
     place = lambda *values: tuple(jax.device_put(v, shared) for v in values)
-    k_buckets = {name: _k_buckets(name, ks) for name in factories}
-    specs = {(name, nn, kk): _GridSpec(name, problem, design, float(rho), prior, d,
-                                       buckets[name][nn], k_buckets[name][kk], dt.name, maxiter,
-                                       padded, chunk, tuple(devices))
-             for name in factories for nn in ns for kk in ks}
-    extra = () if signals is None else place(signals)
+    extra = () if st.signals is None else place(st.signals)
+    specs = _grid_specs(st, factories, padded, chunk, devices)
     if grid:  # compiled from shapes only: any cell's arguments stand for all
         example = tuple(jax.device_put(v, split) for v in _trial_keys(key, padded))
         compile_times = _compile_programs(
-            {spec: place(np.int32(ns[0]), np.int32(ks[0]), np.asarray(noises[0], dt)) + extra
+            {spec: place(np.int32(st.ns[0]), np.int32(st.ks[0]),
+                         np.asarray(st.noises[0], dt)) + extra
              for spec in set(specs.values())}, example)
+    rows, per_trial, cells = [], {}, st.cells()
+    total = len(cells) * len(factories)
     for nn, kk, ii in cells:
         cell_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, nn), kk), ii)
         keys, idx = _trial_keys(cell_key, padded)
@@ -482,27 +529,33 @@ def sweep(
                 spec = specs[name, nn, kk]
                 compiled, compile_s = _PROGRAMS[spec], compile_times.pop(spec, 0.0)
                 cell_args = args + place(np.int32(nn), np.int32(kk),
-                                         np.asarray(noises[ii], dt)) + extra
+                                         np.asarray(st.noises[ii], dt)) + extra
             else:
                 compiled, compile_s = _cell_program(
-                    name, factory, problem, nn, d, kk, noises[ii], design, rho, prior, dtype,
-                    signals, maxiter, chunk, devices, args)
+                    name, factory, st.problem, nn, st.d, kk, st.noises[ii], st.design, st.rho,
+                    st.prior, st.dtype, st.signals, st.maxiter, chunk, devices, args)
                 cell_args = args
             t0 = time.perf_counter()
             out = jax.block_until_ready(compiled(*cell_args))
             seconds = time.perf_counter() - t0
-            out = {f: np.asarray(v)[:trials] for f, v in out.items()}
-            rows.append(_row(name, nn, d, kk, noises[ii], out, success_tol, seconds, compile_s))
-            per_trial[(name, nn, kk, noises[ii])] = out
-            done += 1
+            out = {f: np.asarray(v)[:st.trials] for f, v in out.items()}
+            rows.append(_row(name, nn, st.d, kk, st.noises[ii], out, st.success_tol, seconds,
+                             compile_s))
+            per_trial[(name, nn, kk, st.noises[ii])] = out
             if progress is not None:
-                progress(done, total, f"{name} n={nn} k={kk} noise={noises[ii]:g}")
-    config = dict(d=d, n=list(ns), k=list(ks), noise=list(noises), trials=trials,
-                  problem=problem, design=design, rho=rho, prior=prior,
-                  success_tol=success_tol, methods=list(factories), devices=len(devices),
-                  chunk_size=chunk_size, backend=jax.default_backend(),
-                  dtype=str(jnp.dtype(problems._dtype(dtype))))
-    return SweepResult(rows, per_trial, config)
+                progress(len(rows), total, f"{name} n={nn} k={kk} noise={st.noises[ii]:g}")
+    return rows, per_trial
+
+
+def _grid_specs(st: _Settings, factories: dict, padded: int, chunk: int, devices: list) -> dict:
+    """``(name, n, k) -> _GridSpec``: the compiled program (shape bucket) of each cell."""
+    dt = jnp.dtype(problems._dtype(st.dtype))
+    buckets = {name: _n_buckets(name, st.ns, st.d) for name in factories}
+    k_buckets = {name: _k_buckets(name, st.ks) for name in factories}
+    return {(name, nn, kk): _GridSpec(name, st.problem, st.design, st.rho, st.prior, st.d,
+                                      buckets[name][nn], k_buckets[name][kk], dt.name,
+                                      st.maxiter, padded, chunk, tuple(devices))
+            for name in factories for nn in st.ns for kk in st.ks}
 
 
 def _cell_program(name, factory, problem, n, d, k, noise, design, rho, prior, dtype, signals,
