@@ -36,6 +36,7 @@ from iobs_jax.optax.transforms import (
     _apply_masks,
     _finish,
     _float_leaves,
+    _init_state,
     _need_params,
     fisher_rows,
     hvp_operator,
@@ -121,11 +122,7 @@ def obs_projection(
              "diagonal": _diagonal_curvature}[curvature]
 
     def init_fn(params):
-        masks = proj.init_masks(params)
-        floats, _, _ = _float_leaves(params)
-        diagonal = [jnp.zeros_like(x) for x in floats] if curvature == "diagonal" else None
-        zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers (donation)
-        return OBSProjectionState(zeros[0], masks, diagonal, zeros[1], zeros[2])
+        return _init_state(OBSProjectionState, proj, params, curvature == "diagonal")
 
     @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
     def update_fn(updates, state, params=None, *, per_example_grads=None, loss_fn=None,

@@ -230,11 +230,7 @@ def iobs(
                    cg_maxiter=cg_maxiter)
 
     def init_fn(params):
-        masks = proj.init_masks(params)
-        floats, _, _ = _float_leaves(params)
-        moment = [jnp.zeros_like(x) for x in floats] if curvature == "diagonal" else None
-        zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers (donation)
-        return IOBSTransformState(zeros[0], masks, moment, zeros[1], zeros[2])
+        return _init_state(IOBSTransformState, proj, params, curvature == "diagonal")
 
     @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
     def update_fn(updates, state, params=None, *, per_example_grads=None, loss_fn=None,
@@ -272,6 +268,17 @@ def _check_options(learning_rate, curvature, damping, decay, cg_tol, cg_maxiter)
     rate = (check_schedule_start(learning_rate, "learning_rate") if callable(learning_rate)
             else learning_rate)
     check_curvature_options(damping, decay, cg_tol, cg_maxiter, learning_rate=rate)
+
+
+def _init_state(state_cls, proj, params, diagonal: bool):
+    """``state_cls(count, masks, moment, counter, counter)`` of a second-order transform:
+    the initial masks, a zero diagonal moment per float leaf for the diagonal curvature
+    (else ``None``) and distinct zero counters (distinct buffers, for donation)."""
+    masks = proj.init_masks(params)
+    floats, _, _ = _float_leaves(params)
+    moment = [jnp.zeros_like(x) for x in floats] if diagonal else None
+    zeros = [jnp.zeros((), jnp.int32) for _ in range(3)]
+    return state_cls(zeros[0], masks, moment, zeros[1], zeros[2])
 
 
 def _float_leaves(tree):
