@@ -35,6 +35,7 @@ from iobs_jax.optax.transforms import (
     SparsityState,
     _apply_masks,
     _finish,
+    _finish_second_order,
     _float_leaves,
     _init_state,
     _need_params,
@@ -137,16 +138,9 @@ def obs_projection(
         curv, scores, diagonal = build(floats, target, state, extra, **options)
         masks, bad = proj.masks(lambda: rebuild(scores(), fill="ones"), state.masks,
                                 state.count, like=params)
-        out = jax.tree.leaves(updates)
-        for i, n, p in zip(where, _apply_masks(target, masks, where, curv), floats,
-                           strict=True):
-            out[i] = n - p
-        out = jax.tree.unflatten(jax.tree.structure(updates), out)
-        out, masks, skipped, bad = _finish(out, updates, masks, state, bad, target)
-        if diagonal is not None:  # a skipped step must not poison the estimate either
-            ok = skipped == state.skipped
-            diagonal = [jnp.where(ok, d, old) for d, old in zip(diagonal, state.diagonal,
-                                                                 strict=True)]
+        new = _apply_masks(target, masks, where, curv)
+        out, masks, diagonal, skipped, bad = _finish_second_order(
+            updates, new, floats, where, masks, state, bad, target, diagonal, state.diagonal)
         return out, OBSProjectionState(optax.safe_increment(state.count), masks, diagonal,
                                        skipped, bad)
 

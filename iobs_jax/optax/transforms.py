@@ -92,6 +92,23 @@ def _finish(new_updates, updates, masks, state, bad, target):
     return out, masks, skipped, state.bad_sparsity + bad.astype(jnp.int32)
 
 
+def _finish_second_order(updates, new, floats, where, masks, state, bad, target, moment,
+                         old_moment):
+    """The updates ``new - params`` on the float leaves at ``where``, guarded by
+    :func:`_finish`; a running curvature ``moment`` (a list, or ``None``) keeps its old
+    value on a skipped step, which must not poison the estimate either. Returns
+    ``(updates, masks, moment, skipped, bad_sparsity)``."""
+    out = jax.tree.leaves(updates)
+    for i, n, p in zip(where, new, floats, strict=True):
+        out[i] = n - p
+    out = jax.tree.unflatten(jax.tree.structure(updates), out)
+    out, masks, skipped, bad = _finish(out, updates, masks, state, bad, target)
+    if moment is not None:
+        ok = skipped == state.skipped
+        moment = [jnp.where(ok, m, old) for m, old in zip(moment, old_moment, strict=True)]
+    return out, masks, moment, skipped, bad
+
+
 def _distribution(per_leaf, distribution):
     """``per_leaf=True`` is the older spelling of ``distribution="uniform"``."""
     if distribution is None:
@@ -245,16 +262,8 @@ def iobs(
         full_scores = rebuild(scores, fill="ones")
         masks, bad = proj.masks(full_scores, state.masks, state.count, like=params)
         new = _apply_masks(target, masks, where, curv)
-        out = jax.tree.leaves(updates)
-        for i, n, p in zip(where, new, floats, strict=True):
-            out[i] = n - p
-        out = jax.tree.unflatten(jax.tree.structure(updates), out)
-        unmasked = target
-        out, masks, skipped, bad = _finish(out, updates, masks, state, bad, unmasked)
-        if moment is not None:  # a skipped step must not poison the moment either
-            ok = skipped == state.skipped
-            moment = [jnp.where(ok, m, old) for m, old in zip(moment, state.second_moment,
-                                                               strict=True)]
+        out, masks, moment, skipped, bad = _finish_second_order(
+            updates, new, floats, where, masks, state, bad, target, moment, state.second_moment)
         return out, IOBSTransformState(optax.safe_increment(state.count), masks, moment,
                                        skipped, bad)
 
