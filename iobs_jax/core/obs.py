@@ -255,11 +255,23 @@ def project_from_inverse_scaled(g: jax.Array, theta_tilde: jax.Array, mask: jax.
     es = _exponent(jnp.max(jnp.abs(theta_tilde)))
     ec = _exponent(jnp.max(jnp.abs(jnp.diagonal(g))))
     theta, g = jnp.ldexp(theta_tilde, -es), jnp.ldexp(g, -ec)
-    # (G_PP)^{-1} theta~_P via the masked solve on the complement, then spread by G[:, P].
     removed = None if size is None else theta.shape[0] - size
-    w = DenseCurvature(g).masked_solve(~mask, theta, removed)
-    projected = jnp.ldexp(jnp.where(mask, theta - g @ w, 0.0), es)
-    return projected, jnp.vdot(theta, w), 2 * es - ec
+    projected, cost = project_inverse_form(DenseCurvature(g), theta, mask, removed)
+    return jnp.ldexp(projected, es), cost, 2 * es - ec
+
+
+def project_inverse_form(g: Any, theta_tilde: jax.Array, mask: jax.Array,
+                         removed: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The inverse form of the OBS projection for a curvature ``g`` of ``G = H^{-1}``:
+    ``(theta, cost)`` with ``theta = theta~ - G[:, P] (G_PP)^{-1} theta~_P`` (exact zeros off
+    ``mask``) and ``cost = theta~_P^T (G_PP)^{-1} theta~_P``.
+
+    ``(G_PP)^{-1} theta~_P`` is the masked solve on the complement ``P`` (``removed`` its
+    static size, if known), spread by ``G``. Equal to :func:`project` with ``H``; cheaper
+    when few entries are removed.
+    """
+    w = g.masked_solve(~mask, theta_tilde, removed)
+    return jnp.where(mask, theta_tilde - g.matvec(w), 0.0), jnp.vdot(theta_tilde, w)
 
 
 def obs_project_from_inverse(

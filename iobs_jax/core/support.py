@@ -25,7 +25,13 @@ from jax.scipy.linalg import cho_solve
 
 from iobs_jax.core.curvature import DenseCurvature, guarded_cholesky
 
-__all__ = ["support_slots", "count_jitter", "support_cholesky", "dense_support_solve"]
+__all__ = [
+    "support_slots",
+    "count_jitter",
+    "support_cholesky",
+    "SupportCurvature",
+    "dense_support_solve",
+]
 
 
 def support_slots(mask: jax.Array, count: Any, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -64,6 +70,34 @@ def support_cholesky(block: jax.Array, valid: jax.Array, count: Any, *,
     return jnp.linalg.cholesky(sym + jnp.diag(jnp.where(valid, jitter, fill)))
 
 
+class SupportCurvature:
+    """A dense (already damped) matrix ``A`` whose masked solves run on a support of
+    ``count`` entries (may be traced) through a ``(capacity, capacity)`` padded block.
+
+    ``masked_solve(mask, b)`` solves ``A_QQ z_Q = b_Q``, ``z_P = 0`` for ``Q = mask`` (exactly
+    ``count`` True entries), so :func:`~iobs_jax.core.obs.project` and
+    :func:`~iobs_jax.core.obs.project_inverse_form` run on it as on any curvature: the
+    traced-``k`` solvers and the layer-wise refit (one row at a time) use it.
+    ``guarded``: see :func:`support_cholesky`.
+    """
+
+    def __init__(self, matrix: jax.Array, count: Any, capacity: int, *, guarded: bool = False):
+        self.matrix, self.count, self.capacity, self.guarded = matrix, count, capacity, guarded
+
+    def matvec(self, v: jax.Array) -> jax.Array:
+        return self.matrix @ v.astype(self.matrix.dtype)
+
+    def masked_solve(self, mask: jax.Array, b: jax.Array, size: Any = None) -> jax.Array:
+        b = b.astype(self.matrix.dtype)
+        if self.capacity == 0:
+            return jnp.zeros_like(b)
+        idx, valid = support_slots(mask, self.count, self.capacity)
+        chol = support_cholesky(self.matrix[idx[:, None], idx[None, :]], valid, self.count,
+                                guarded=self.guarded)
+        z = cho_solve((chol, True), jnp.where(valid, b[idx], 0.0))
+        return jnp.zeros_like(b).at[idx].add(jnp.where(valid, z, 0.0))
+
+
 def dense_support_solve(curv: DenseCurvature, mask: jax.Array, b: jax.Array, count: Any,
                         capacity: int) -> jax.Array:
     """``curv.masked_solve(mask, b, count)`` for a traced ``count <= capacity``.
@@ -71,11 +105,5 @@ def dense_support_solve(curv: DenseCurvature, mask: jax.Array, b: jax.Array, cou
     Solves ``(H + damping I)_QQ z_Q = b_Q`` with ``z_P = 0`` on the support ``Q = mask``
     (exactly ``count`` True entries) through a ``(capacity, capacity)`` padded block.
     """
-    b = b.astype(curv.dtype)
-    if capacity == 0:
-        return jnp.zeros_like(b)
-    idx, valid = support_slots(mask, count, capacity)
     damped = curv.matrix + curv.damping * jnp.eye(curv.size, dtype=curv.dtype)
-    chol = support_cholesky(damped[idx[:, None], idx[None, :]], valid, count)
-    z = cho_solve((chol, True), jnp.where(valid, b[idx], 0.0))
-    return jnp.zeros_like(b).at[idx].add(jnp.where(valid, z, 0.0))
+    return SupportCurvature(damped, count, capacity).masked_solve(mask, b)

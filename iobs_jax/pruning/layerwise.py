@@ -53,8 +53,8 @@ from iobs_jax.core.curvature import (
     guarded_cholesky,
 )
 from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
-from iobs_jax.core.obs import greedy_obs_unchecked
-from iobs_jax.core.support import support_cholesky, support_slots
+from iobs_jax.core.obs import greedy_obs_unchecked, project, project_inverse_form
+from iobs_jax.core.support import SupportCurvature
 
 # Rows are solved in chunks: a (rows, k, k) batch of gathered blocks does not fit in
 # cache (or memory) for wide layers, and lax.map keeps one compiled body.
@@ -707,41 +707,15 @@ def _bucket(size: int, cols: int) -> int:
     return min(cols, -(-size // 16) * 16)
 
 
-def _support(mask_row: jax.Array, size: int):
-    """The True entries of ``mask_row`` in ``size`` slots (the core's padded support)."""
-    count = jnp.sum(mask_row)
-    idx, valid = support_slots(mask_row, count, size)
-    return idx, valid, count
-
-
-def _support_factor(a: jax.Array, idx: jax.Array, valid: jax.Array, count) -> jax.Array:
-    return support_cholesky(a[idx[:, None], idx[None, :]], valid, count, guarded=True)
-
-
 def _refit_kept(h, target, mask, size):
-    """Q-form: ``w_Q = t_Q + H_QQ^{-1} (H (t * (1 - m)))_Q`` (correction form)."""
-
-    def one(t, m):
-        idx, valid, count = _support(m, size)
-        chol = _support_factor(h, idx, valid, count)
-        rhs = (h @ jnp.where(m, 0.0, t))[idx] * valid
-        z = cho_solve((chol, True), rhs) * valid
-        return jnp.where(m, t, 0.0).at[idx].add(z * valid)
-
-    return one
+    """Q-form, one row: the core's OBS projection (correction form) of ``t`` onto ``m``."""
+    return lambda t, m: project(SupportCurvature(h, jnp.sum(m), size, guarded=True), t, m)
 
 
 def _refit_removed(g, target, mask, size):
-    """P-form: ``w = t - G[:, P] (G_PP)^{-1} t_P`` with ``G = H^{-1}``."""
-
-    def one(t, m):
-        idx, valid, count = _support(~m, size)
-        chol = _support_factor(g, idx, valid, count)
-        y = cho_solve((chol, True), t[idx] * valid) * valid
-        gp = g[:, idx] * valid[None, :]
-        return jnp.where(m, t - gp @ y, 0.0)
-
-    return one
+    """P-form, one row: ``w = t - G[:, P] (G_PP)^{-1} t_P`` with ``G = H^{-1}``."""
+    return lambda t, m: project_inverse_form(
+        SupportCurvature(g, jnp.sum(~m), size, guarded=True), t, m)[0]
 
 
 @_jit(static_argnames=("size", "removed_form"))
