@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -45,6 +46,7 @@ _use_session_cache()
 
 
 def pytest_unconfigure(config):
+    _stop_jobs()
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
@@ -78,6 +80,51 @@ def _free_compiled_programs():
     yield
     if _memory_maps() > 30_000:
         jax.clear_caches()
+
+
+# ------------------------------------------- long subprocess checks, run in the background
+
+# The suite keeps one core busy (compiling) and the second one mostly idle: measured
+# 1.2 cores used on 2. The few checks that start their own Python (4 forced devices, an
+# example script) are started as soon as the tests are collected and run beside the
+# others; their tests then only wait for the result. A module opts in with a function
+# ``background_jobs() -> {name: (argv, env)}``; only jobs of collected modules start.
+_JOBS: dict = {}
+
+
+class Job:
+    def __init__(self, argv, env):
+        self.out = tempfile.TemporaryFile("w+")
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=self.err, text=True)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.out.seek(0)
+        self.err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, code, self.out.read(), self.err.read())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for module in {item.module for item in items if hasattr(item, "module")}:
+        for name, (argv, env) in getattr(module, "background_jobs", dict)().items():
+            _JOBS.setdefault(name, Job(argv, env))
+
+
+def background_result(name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """The finished job ``name`` of this test module's ``background_jobs()``."""
+    return _JOBS[name].result(timeout)
+
+
+def _stop_jobs() -> None:
+    for job in _JOBS.values():
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+from conftest import background_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +43,17 @@ def test_readme_examples_run_in_order():
     assert abs(zeros / sum(k.size for k in kernels) - 0.9) < 0.01
 
 
-def test_paper_synthetic_example_prints_iteration_counts():
+def background_jobs():
+    """Run beside the other tests from collection on (see conftest.background_result)."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "paper_synthetic.py"), "--trials", "1"],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
-    ).stdout
+    argv = [sys.executable, str(ROOT / "examples" / "paper_synthetic.py"), "--trials", "1"]
+    return {"paper-example": (argv, env)}
+
+
+def test_paper_synthetic_example_prints_iteration_counts():
+    done = background_result("paper-example", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()[3:] if line}
     assert set(rows) == {"k-IHT (step 1/L)", "NIHT", "Topk-I-OBS (exact Hessian)"}
     iht_to_tol = float(rows["k-IHT (step 1/L)"][1])

@@ -5,7 +5,6 @@ import csv
 import functools
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import background_result
 from iobs_jax.problems import mse_loss, sparse_linear_regression
 
 import iobs_jax as ij
@@ -67,25 +67,31 @@ def test_same_key_same_results_and_table_files(small_sweep, tmp_path):
     assert "| htp | 24 | 8 |" in small_sweep.table()
 
 
-def test_sharded_over_four_devices_equals_one_device():
-    script = textwrap.dedent("""
-        import jax, numpy as np
-        jax.config.update("jax_enable_x64", True)
-        from iobs_jax import sweep as sw
-        assert len(jax.devices()) == 4
-        kw = dict(d=24, n=[10], k=[3], trials=7, key=jax.random.key(5), chunk_size=2)
-        four = sw.sweep(["obs-pursuit"], **kw)
-        one = sw.sweep(["obs-pursuit"], devices=jax.devices()[:1], **kw)
-        a, b = four.trials[("obs-pursuit", 10, 3, 0.0)], one.trials[("obs-pursuit", 10, 3, 0.0)]
-        for f in a:
-            np.testing.assert_allclose(a[f], b[f], rtol=1e-9, atol=1e-14)
-        assert four.config["devices"] == 4 and a["rel_error"].shape == (7,)
-        print("OK")
-    """)
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from iobs_jax import sweep as sw
+    assert len(jax.devices()) == 4
+    kw = dict(d=24, n=[10], k=[3], trials=7, key=jax.random.key(5), chunk_size=2)
+    four = sw.sweep(["obs-pursuit"], **kw)
+    one = sw.sweep(["obs-pursuit"], devices=jax.devices()[:1], **kw)
+    a, b = four.trials[("obs-pursuit", 10, 3, 0.0)], one.trials[("obs-pursuit", 10, 3, 0.0)]
+    for f in a:
+        np.testing.assert_allclose(a[f], b[f], rtol=1e-9, atol=1e-14)
+    assert four.config["devices"] == 4 and a["rel_error"].shape == (7,)
+    print("OK")
+""")
+
+
+def background_jobs():
+    """Run beside the other tests from collection on (see conftest.background_result)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=300)
+    return {"sweep-sharded": ([sys.executable, "-c", _SHARDED_SCRIPT], env)}
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    out = background_result("sweep-sharded", timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
