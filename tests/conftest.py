@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,13 @@ jax.config.update("jax_disable_most_optimizations", True)
 # programs again and again (every solver test, every CLI call); with the cache, the
 # second build loads the executable instead of compiling it: test_solvers.py went from
 # 238 s to 166 s on 2 cores. The CLI's own cache (``IOBS_JAX_CACHE_DIR``) is this folder.
-_CACHE_DIR = tempfile.mkdtemp(prefix="iobs_jax_test_cache_")
+# With pytest-xdist the workers share the folder of the process that started them (they
+# inherit its environment), and only that process removes it.
+_OWN_CACHE = "IOBS_JAX_TEST_CACHE" not in os.environ
+_CACHE_DIR = os.environ.setdefault("IOBS_JAX_TEST_CACHE",
+                                   tempfile.mkdtemp(prefix="iobs_jax_test_cache_"))
 os.environ["IOBS_JAX_CACHE_DIR"] = _CACHE_DIR
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 
 
 def _use_session_cache() -> None:
@@ -47,7 +53,8 @@ _use_session_cache()
 
 def pytest_unconfigure(config):
     _stop_jobs()
-    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +91,13 @@ def _free_compiled_programs():
 
 # ------------------------------------------- long subprocess checks, run in the background
 
-# The suite keeps one core busy (compiling) and the second one mostly idle: measured
-# 1.2 cores used on 2. The few checks that start their own Python (4 forced devices, an
-# example script) are started as soon as the tests are collected and run beside the
-# others; their tests then only wait for the result. A module opts in with a function
-# ``background_jobs() -> {name: (argv, env)}``; only jobs of collected modules start.
+# In one process (``-n 0``) the suite keeps one core busy (compiling) and the second one
+# mostly idle: measured 1.2 cores used on 2. There the few checks that start their own
+# Python (4 forced devices, an example script) start as soon as the tests are collected
+# and run beside the others; their tests then only wait for the result. Under xdist (the
+# default: pyproject's addopts) they start when their test asks. A module opts in with a
+# function ``background_jobs() -> {name: (argv, env)}``; only jobs of collected modules
+# start.
 _JOBS: dict = {}
 
 
@@ -109,14 +118,24 @@ class Job:
         return subprocess.CompletedProcess(self.proc.args, code, self.out.read(), self.err.read())
 
 
+def _module_jobs(module) -> dict:
+    return getattr(module, "background_jobs", dict)()
+
+
 def pytest_collection_modifyitems(session, config, items):
+    if _WORKER:  # every xdist worker collects every test: the jobs start where they are used
+        return
     for module in {item.module for item in items if hasattr(item, "module")}:
-        for name, (argv, env) in getattr(module, "background_jobs", dict)().items():
+        for name, (argv, env) in _module_jobs(module).items():
             _JOBS.setdefault(name, Job(argv, env))
 
 
 def background_result(name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """The finished job ``name`` of this test module's ``background_jobs()``."""
+    """The finished job ``name`` of the calling test module's ``background_jobs()``
+    (started now if it was not started at collection)."""
+    if name not in _JOBS:
+        module = sys.modules[sys._getframe(1).f_globals["__name__"]]
+        _JOBS[name] = Job(*_module_jobs(module)[name])
     return _JOBS[name].result(timeout)
 
 
