@@ -161,6 +161,9 @@ def main():
                         help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                               "convergence.json"), help="JSON output path")
+    parser.add_argument("--docs", default=str(Path(__file__).parents[1] / "docs" /
+                                               "convergence.md"),
+                        help="the docs page written from this run ('' for none)")
     opts = parser.parse_args()
     settings = [s.strip() for s in opts.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
@@ -179,6 +182,36 @@ def main():
                 cpus=os.cpu_count(), tol=opts.tol, settings={s: SETTINGS[s] for s in settings})
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"\nwrote {out}")
+    if opts.docs:
+        Path(opts.docs).write_text(docs_page(table, meta, opts))
+        print(f"wrote {opts.docs}")
+
+
+def docs_page(table: str, meta: dict, opts) -> str:
+    """The docs page of this run: settings, machine and the tables (no hand edits)."""
+    command = "OPENBLAS_NUM_THREADS=1 python benchmarks/convergence.py"
+    if opts.settings != "paper,cs" or opts.seeds != 20 or opts.tol != 1e-6:
+        command += f" --settings {opts.settings} --seeds {opts.seeds} --tol {opts.tol:g}"
+    return f"""# Convergence benchmark: iterations and time to tolerance
+
+Written by `benchmarks/convergence.py` (do not edit by hand); rerun it to refresh:
+
+```bash
+{command}
+```
+
+Float64, noiseless least squares, `A_ij ~ N(0, 1/n)`, `x*` with `k*` Gaussian nonzeros.
+Each method runs its own jitted `update` in a `lax.while_loop` until
+`||x - x*|| / ||x*|| < {opts.tol:g}` or its cap (5,000 steps for first-order methods, 100
+for second-order ones), one instance at a time after compilation; "time" is wall time to
+tolerance including the set-up (power iteration, first gradient). Iteration medians are
+over the seeds that reached the tolerance. Ratios are to k-IHT in the same run; absolute
+times move by up to about 50% between runs on a shared machine.
+
+Machine: {meta['cpus']} CPUs ({meta['machine']}), JAX {meta['jax']} on {meta['backend']},
+`OPENBLAS_NUM_THREADS=1`.
+{table}
+"""
 
 
 if __name__ == "__main__":
