@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from iobs_jax import optax as iox
-from iobs_jax.core.masks import _topk_mask_leaves
+from iobs_jax.core.masks import topk_leaves
 
 # ------------------------------------------------------------------ a small problem
 
@@ -72,7 +72,7 @@ def expected_kept(s, pattern, distribution):
 
 def test_threshold_topk_equals_stable_sort_on_ties_infinities_and_nan():
     rng = np.random.default_rng(1)
-    f = jax.jit(_topk_mask_leaves)  # k is traced: one compilation per shape set
+    f = jax.jit(topk_leaves)  # k is traced: one compilation per shape set
     shape_sets = [[(3, 4)], [(2, 3), (1,), (4, 2)]]
     for trial in range(48):
         shapes, kind = shape_sets[trial % 2], (trial // 2) % 3

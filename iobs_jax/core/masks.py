@@ -2,7 +2,10 @@
 
 Every selection rule in iobs_jax (magnitude, OBS saliency, greedy OBS's safeguard, the
 solvers' supports) ends in :func:`topk_mask` or :func:`nm_mask` (or their unchecked flat
-core), so tie-breaking and validation live in exactly one place.
+core), so tie-breaking and validation live in exactly one place. The unchecked family,
+for library code that has validated its inputs: :func:`topk_static` (a static ``k``, by
+sort), :func:`topk_traced` (a traced ``k``, by threshold search), :func:`topk_any` (either)
+and :func:`topk_leaves` (one ``k`` over a list of arrays, e.g. sharded leaves).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def unflatten_like(flat: jax.Array, tree: Any) -> Any:
     )
 
 
-def _topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
+def topk_static(scores: jax.Array, k: int) -> jax.Array:
     """Boolean vector with exactly ``k`` True at the largest entries of a 1-D ``scores``."""
     size = scores.shape[0]
     if k == 0:
@@ -102,10 +105,10 @@ def _count(leaves, predicate) -> jax.Array:
     return sum(jnp.sum(predicate(i, x), dtype=jnp.int32) for i, x in enumerate(leaves))
 
 
-def _topk_mask_leaves(scores: list[jax.Array], k: Any) -> list[jax.Array]:
+def topk_leaves(scores: list[jax.Array], k: Any) -> list[jax.Array]:
     """Masks of the ``k`` largest entries over a list of score arrays, by threshold search.
 
-    The same answer as :func:`_topk_mask_flat` on the concatenated scores (exactly
+    The same answer as :func:`topk_static` on the concatenated scores (exactly
     ``k`` True, ties to the lower flat index, earlier leaves first), but nothing is
     concatenated or sorted: the ``k``-th largest value ``tau`` is found by bisection on
     the order keys of :func:`_order_keys` (``nbits`` counting passes), and when more
@@ -157,15 +160,15 @@ def _topk_mask_leaves(scores: list[jax.Array], k: Any) -> list[jax.Array]:
             for x, p in zip(keys, positions, strict=True)]
 
 
-def _topk_mask_dynamic(scores: jax.Array, k: Any) -> jax.Array:
-    """:func:`_topk_mask_flat` for a traced ``k`` (a sparsity schedule inside ``jit``): the
-    threshold search of :func:`_topk_mask_leaves` on one vector, no sort (a sort-based
+def topk_traced(scores: jax.Array, k: Any) -> jax.Array:
+    """:func:`topk_static` for a traced ``k`` (a sparsity schedule inside ``jit``): the
+    threshold search of :func:`topk_leaves` on one vector, no sort (a sort-based
     version cost ~45x more on a 400k-entry layer block)."""
-    return _topk_mask_leaves([scores], k)[0]
+    return topk_leaves([scores], k)[0]
 
 
-def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
-    """:func:`_topk_mask_flat` for a static ``k``, :func:`_topk_mask_dynamic` for a traced one.
+def topk_any(scores: jax.Array, k: Any) -> jax.Array:
+    """:func:`topk_static` for a static ``k``, :func:`topk_traced` for a traced one.
 
     The solvers' sparsity may be a traced value (``max_k`` set: sweeps compile one program
     for every ``k``); both select the same entries (ties to the lower index) for scores
@@ -173,8 +176,13 @@ def _topk_mask_any(scores: jax.Array, k: Any) -> jax.Array:
     and saliencies never are, so a traced ``k`` gives the static program's supports.
     """
     if isinstance(k, int | np.integer):
-        return _topk_mask_flat(scores, int(k))
-    return _topk_mask_dynamic(scores, k)
+        return topk_static(scores, int(k))
+    return topk_traced(scores, k)
+
+
+# The family's former private names (imported by earlier code).
+_topk_mask_flat, _topk_mask_dynamic = topk_static, topk_traced
+_topk_mask_any, _topk_mask_leaves = topk_any, topk_leaves
 
 
 def topk_mask(scores: Any, k: int) -> Any:
@@ -201,15 +209,15 @@ def topk_mask(scores: Any, k: int) -> Any:
     scores = jax.tree.map(
         lambda s: check_finite(check_float_array(s, "scores"), "scores", allow_inf=True), scores
     )
-    return _topk_mask_tree(scores, k)
+    return _topk_tree(scores, k)
 
 
-def _topk_mask_tree(scores: Any, k: int) -> Any:
+def _topk_tree(scores: Any, k: int) -> Any:
     """:func:`topk_mask` on float arrays already checked."""
     if not jax.tree.leaves(scores):
         raise ValueError("topk_mask got an empty pytree of scores.")
     k = check_int(k, "k", low=0, high=tree_size(scores))
-    return unflatten_like(_topk_mask_flat(flatten(scores), k), scores)
+    return unflatten_like(topk_static(flatten(scores), k), scores)
 
 
 def hard_threshold(x: Any, k: int) -> Any:
@@ -228,7 +236,7 @@ def hard_threshold(x: Any, k: int) -> Any:
     magnitudes = jax.tree.map(
         lambda leaf: jnp.abs(check_finite(check_float_array(leaf, "x"), "x")), x
     )
-    mask = _topk_mask_tree(magnitudes, k)
+    mask = _topk_tree(magnitudes, k)
     return jax.tree.map(lambda leaf, m: jnp.where(m, leaf, jnp.zeros_like(leaf)), x, mask)
 
 

@@ -30,7 +30,7 @@ from iobs_jax.core.curvature import (
     check_cg_options,
     compute_dtype,
 )
-from iobs_jax.core.masks import _topk_mask_any, flatten
+from iobs_jax.core.masks import flatten, topk_any
 from iobs_jax.core.validation import (
     check_finite,
     check_finite_result,
@@ -435,7 +435,7 @@ def _greedy_path(theta, g, removals):
 
 def _safeguarded(theta, g, k, size, out, mask, cost):
     """The cheaper of the greedy path and top-k of ``|theta|`` with its OBS correction."""
-    candidate = _topk_mask_any(jnp.abs(theta), k)
+    candidate = topk_any(jnp.abs(theta), k)
     alt, alt_cost = _project_from_inverse(g, theta, candidate, size)
     # Keep the greedy path on ties: the two costs are computed differently, and a
     # round-off difference must not swap in another (equally good) answer.

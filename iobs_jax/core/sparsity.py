@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iobs_jax.core.masks import _topk_mask_leaves, nm_mask
+from iobs_jax.core.masks import nm_mask, topk_leaves
 
 DISTRIBUTIONS = ("global", "uniform", "erk")
 
@@ -278,9 +278,9 @@ def select(pattern: Pattern, distribution: str, scores: list[jax.Array], s: Any
     grouped = [group_scores(pattern, x) for x in scores]
     counts = keep_counts(distribution, s, [g.size for g in grouped], shapes)
     if distribution == "global":
-        masks = _topk_mask_leaves(grouped, counts[0])
+        masks = topk_leaves(grouped, counts[0])
     else:
-        masks = [_topk_mask_leaves([g], k)[0] for g, k in zip(grouped, counts, strict=True)]
+        masks = [topk_leaves([g], k)[0] for g, k in zip(grouped, counts, strict=True)]
     return [expand_groups(pattern, m, sh) for m, sh in zip(masks, shapes, strict=True)]
 
 

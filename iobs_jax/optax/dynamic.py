@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from optax import tree_utils as otu
 
-from iobs_jax.core.masks import _topk_mask_leaves
+from iobs_jax.core.masks import topk_leaves
 from iobs_jax.core.sparsity import (
     NM,
     Projector,
@@ -218,7 +218,7 @@ def _random_masks(proj, params, key):
     out = [jnp.ones(jnp.shape(x), bool) for x in leaves]
     for (i, _), shape, g, k in zip(picked, shapes, groups, counts, strict=True):
         draw = jax.random.uniform(jax.random.fold_in(key, i), g)
-        out[i] = expand_groups(proj.pattern, _topk_mask_leaves([draw], k)[0], shape)
+        out[i] = expand_groups(proj.pattern, topk_leaves([draw], k)[0], shape)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -261,8 +261,8 @@ def _drop_and_grow(active, drop_score, grow_score, fraction):
     the remaining ones are grown (the just-dropped included)."""
     k = jnp.sum(active, dtype=jnp.int32)
     n = (fraction * k.astype(jnp.float32)).astype(jnp.int32)
-    remain = _topk_mask_leaves([drop_score], k - n)[0]
-    grown = _topk_mask_leaves([jnp.where(remain, -jnp.inf, grow_score)], n)[0]
+    remain = topk_leaves([drop_score], k - n)[0]
+    grown = topk_leaves([jnp.where(remain, -jnp.inf, grow_score)], n)[0]
     new = remain | grown
     return new, new & ~active
 

@@ -32,7 +32,7 @@ from iobs_jax.core.curvature import (
     compute_dtype,
     highest_precision,
 )
-from iobs_jax.core.masks import _topk_mask_flat, flatten, unflatten_like
+from iobs_jax.core.masks import flatten, topk_static, unflatten_like
 from iobs_jax.core.obs import project_from_inverse_scaled, saliency_rank
 from iobs_jax.core.sparsity import parse_filter
 from iobs_jax.core.validation import (
@@ -145,7 +145,7 @@ def fisher_prune(
     _check_statistics(ginv, theta, scores, d, work)
     nb = scores.shape[0]
     keep = d - int(round(sparsity * d)) + (nb * b - d)  # the padding (score inf) is kept
-    mask = _topk_mask_flat(scores.ravel(), keep).reshape(nb, b)  # outside jit: k varies
+    mask = topk_static(scores.ravel(), keep).reshape(nb, b)  # outside jit: k varies
     pieces, kept, cost, count, finite = _obs_update(sel_vals, ginv, theta, mask)
     if not bool(finite):
         raise ValueError("the Fisher OBS update is not finite in "

@@ -52,7 +52,7 @@ from iobs_jax.core.curvature import (
     grow_jitter,
     guarded_cholesky,
 )
-from iobs_jax.core.masks import _topk_mask_dynamic, nm_mask
+from iobs_jax.core.masks import nm_mask, topk_traced
 from iobs_jax.core.obs import greedy_obs_unchecked, project, project_inverse_form
 from iobs_jax.core.support import SupportCurvature
 
@@ -180,9 +180,9 @@ def select_mask(
         return nm_mask(scores, nm[0], nm[1], axis=1)
     if scope == "row":
         k = _kept(cols, sparsity)
-        return jax.vmap(lambda s: _topk_mask_dynamic(s, k))(scores)
+        return jax.vmap(lambda s: topk_traced(s, k))(scores)
     k = _kept(rows * cols, sparsity)
-    return _topk_mask_dynamic(scores.reshape(-1), k).reshape(rows, cols)
+    return topk_traced(scores.reshape(-1), k).reshape(rows, cols)
 
 
 # ------------------------------------------------------------ Hessian and its factor
@@ -351,8 +351,8 @@ def _columns(acc, f, v, keep, rs, inv, ban, nm):
 def _top(scores, count, rowwise):
     """Keep ``count`` largest scores of a ``(width, rows)`` slab (per row if ``rowwise``)."""
     if rowwise:
-        return jax.vmap(_topk_mask_dynamic, in_axes=(1, 0), out_axes=1)(scores, count)
-    return _topk_mask_dynamic(scores.reshape(-1), count).reshape(scores.shape)
+        return jax.vmap(topk_traced, in_axes=(1, 0), out_axes=1)(scores, count)
+    return topk_traced(scores.reshape(-1), count).reshape(scores.shape)
 
 
 def _saliency(f, x, rdiag, ban):

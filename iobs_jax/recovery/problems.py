@@ -341,14 +341,14 @@ def spectral_init(design: jax.Array, observations: jax.Array, k: int,
     ``x0 = spectral_init(prob.design, prob.observations, k)``.
     """
     from iobs_jax.core.curvature import power_iteration
-    from iobs_jax.core.masks import _topk_mask_any  # the one top-k
+    from iobs_jax.core.masks import topk_any  # the one top-k
 
     design, observations = jnp.asarray(design), jnp.asarray(observations)
     if design.ndim != 2 or observations.shape != design.shape[:1]:
         raise ValueError(f"spectral_init needs design (n, d) and observations (n,); got "
                          f"shapes {design.shape} and {observations.shape}.")
     k = k if _traced(k) else check_int(k, "k", low=1, high=design.shape[1])
-    m = _topk_mask_any(jnp.einsum("ni,n,ni->i", design, observations, design), k)
+    m = topk_any(jnp.einsum("ni,n,ni->i", design, observations, design), k)
     y = design.T @ (observations[:, None] * design) * (m[:, None] & m[None, :])
     v = jnp.where(m, 1.0 + 0.1 * jnp.arange(design.shape[1], dtype=design.dtype), 0.0)
     _, v = power_iteration(lambda u: y @ u, design.shape[1], design.dtype, num_iters,

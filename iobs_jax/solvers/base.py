@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from iobs_jax.core.masks import _topk_mask_any, flatten, tree_size, unflatten_like
+from iobs_jax.core.masks import flatten, topk_any, tree_size, unflatten_like
 from iobs_jax.core.validation import check_float_array, check_int, check_tol, is_concrete
 
 __all__ = ["Status", "trajectory", "raise_if_failed"]
@@ -133,7 +133,7 @@ def initial_fields(prob: Problem, x: jax.Array, args: tuple, k: int) -> dict:
         value=value.astype(x.dtype),
         grad=prob.unravel(grad),
         error=jnp.asarray(jnp.inf, x.dtype),
-        mask=prob.unravel_mask(_topk_mask_any(jnp.abs(x), k)),
+        mask=prob.unravel_mask(topk_any(jnp.abs(x), k)),
         status=status.astype(jnp.int32),
     )
 

@@ -17,7 +17,7 @@ from iobs_jax.core.curvature import (
     make_curvature,
     power_iteration,
 )
-from iobs_jax.core.masks import _topk_mask_any
+from iobs_jax.core.masks import topk_any
 from iobs_jax.core.support import dense_support_solve
 from iobs_jax.core.validation import check_choice, check_int, check_positive_scalar
 from iobs_jax.solvers.base import (
@@ -172,7 +172,7 @@ class IHT:
             x_new, mask, step = self._niht_step(prob, xf, g, args)
         else:
             step = state.step_size
-            mask = _topk_mask_any(jnp.abs(xf - step * g), self.k)
+            mask = topk_any(jnp.abs(xf - step * g), self.k)
             x_new = jnp.where(mask, xf - step * g, 0.0)
             if self.variant == "htp":
                 x_new = self._refit(prob, x_new, mask, args)
@@ -191,12 +191,12 @@ class IHT:
         # gradient entries (Blumensath & Davies start from supp(T_k(grad)) at x = 0).
         ag = jnp.abs(g)
         score = jnp.where(x != 0, jnp.abs(x) + jnp.max(ag) + 1.0, ag)
-        support = _topk_mask_any(score, self.k)
+        support = topk_any(score, self.k)
         gs = jnp.where(support, g, 0.0)
         mu = _safe_ratio(jnp.vdot(gs, gs), jnp.vdot(gs, hv(gs)))
 
         def propose(mu):
-            mask = _topk_mask_any(jnp.abs(x - mu * g), self.k)
+            mask = topk_any(jnp.abs(x - mu * g), self.k)
             x_new = jnp.where(mask, x - mu * g, 0.0)
             dx = x_new - x
             omega = (1.0 - _NIHT_C) * _safe_ratio(jnp.vdot(dx, dx), jnp.vdot(dx, hv(dx)))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from iobs_jax.core.curvature import HESSIAN_KINDS, make_curvature
-from iobs_jax.core.masks import _topk_mask_any
+from iobs_jax.core.masks import topk_any
 from iobs_jax.core.obs import greedy_obs_unchecked, project, saliency_rank
 from iobs_jax.core.validation import check_choice, check_nonnegative_scalar, check_positive_scalar
 from iobs_jax.solvers.base import (
@@ -154,9 +154,9 @@ class IOBS:
             if self.correction:
                 return theta, mask
         elif self.selection == "saliency":
-            mask = _topk_mask_any(saliency_rank(x_tilde, curv.inverse_diag()), self.k)
+            mask = topk_any(saliency_rank(x_tilde, curv.inverse_diag()), self.k)
         else:
-            mask = _topk_mask_any(jnp.abs(x_tilde), self.k)
+            mask = topk_any(jnp.abs(x_tilde), self.k)
         if self.correction:
             size = self.k if self.max_k is None else None  # a traced k: the masked solve
             return project(curv, x_tilde, mask, size).astype(dtype), mask

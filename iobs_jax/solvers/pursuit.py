@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
 from iobs_jax.core.curvature import cholesky_inverse
-from iobs_jax.core.masks import _topk_mask_any
+from iobs_jax.core.masks import topk_any
 from iobs_jax.core.obs import greedy_obs_unchecked
 from iobs_jax.core.support import count_jitter, support_cholesky, support_slots
 from iobs_jax.core.validation import (
@@ -408,7 +408,7 @@ class OBSPursuit:
                         lambda: score)
         if capacity == 0:
             return jnp.zeros_like(x), jnp.zeros((d,), bool)
-        mask = _topk_mask_any(score, c)
+        mask = topk_any(score, c)
         if not self.refit:
             return jnp.where(mask, x_tilde, 0.0), mask
         return self._fit_candidates(mask, c, capacity, more, x.dtype, design, observations)
