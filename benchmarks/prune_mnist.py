@@ -338,6 +338,9 @@ def main():
     parser.add_argument("--out", default=None,
                         help="JSON output path (default benchmarks/results/prune_mnist.json; "
                              "--quick: prune_mnist_quick.json); the plot goes next to it")
+    parser.add_argument("--docs", default=None,
+                        help="the docs page written from this run (default docs/prune_mnist.md, "
+                             "none with --quick; '' for none)")
     opts = parser.parse_args()
     if opts.quick:
         opts.models, opts.settings, opts.skip_obc = "mlp", "50%", True
@@ -395,6 +398,47 @@ def main():
     out.write_text(json.dumps(dict(meta=meta, models=all_res, bars=bars), indent=2))
     print(f"wrote {out}")
     plot(all_res, out.with_suffix(".png"))
+    docs = opts.docs if opts.docs is not None else (
+        "" if opts.quick else str(REPO / "docs" / "prune_mnist.md"))
+    if docs:
+        Path(docs).write_text(docs_page(meta, all_res, bars, settings))
+        print(f"wrote {docs}")
+        plot(all_res, Path(docs).with_suffix(".png"))
+
+
+def docs_page(meta: dict, all_res: dict, bars: list[dict], settings) -> str:
+    """The docs page of this run: settings, machine, the tables and the bars."""
+    tables = "\n".join(format_tables(m, res, settings) for m, res in all_res.items())
+    checks = "\n".join(f"- {b['status']} {b['model']} ({b['bar']}): {b['detail']}"
+                        for b in bars)
+    return f"""# Post-training pruning of MNIST classifiers: the benchmark
+
+Written by `benchmarks/prune_mnist.py` (do not edit by hand); rerun it to refresh:
+
+```bash
+OPENBLAS_NUM_THREADS=1 python benchmarks/prune_mnist.py        # ~20 min (OBC is most of it)
+```
+
+The MLP (784-300-100-10) and the CNN (conv 16, conv 32, dense 128, dense 10) of
+`iobs_jax.mnist` are trained for {meta['epochs']} epochs on {meta['num_train']:,} MNIST
+images and tested on the other {meta['num_test']:,}; every Dense/Conv layer is pruned by
+`iobs_jax.prune` with sequential calibration ({meta['calib']:,} training images in
+batches of {meta['calib_batch']}, damping {meta['damping']:g}). `iobs-rounds` is
+`method="iobs", rounds=8`; `obc` is exact greedy OBS per row (MLP, unstructured only).
+Layer loss: `report.total_loss`, the sum over layers of `||W X - W0 X||^2 / N`, each
+method's `X` from its own pruned predecessors. Every configuration is called twice: cold
+(with compilation) and warm; compare times as ratios within one run.
+
+Machine: {meta['cpus']} CPUs ({meta['machine']}), JAX {meta['jax']} on {meta['backend']},
+`OPENBLAS_NUM_THREADS=1`; whole run {meta['total_seconds'] / 60:.1f} min.
+{tables}
+
+![MNIST pruning](prune_mnist.png)
+
+Checks the benchmark makes on its own numbers:
+
+{checks}
+"""
 
 
 if __name__ == "__main__":
