@@ -52,6 +52,9 @@ def main():
     parser.add_argument("--ablation", action="store_true",
                         help="also local targets and per-layer I-OBS masks at 50%%")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--docs", default=None,
+                        help="the docs page written from this run (default "
+                             "docs/minilm_results.md, none with --quick; '' for none)")
     opts = parser.parse_args()
     if opts.quick:
         opts.calib, opts.eval = 64, 64
@@ -123,7 +126,57 @@ def main():
     except ImportError:
         print("plot skipped: matplotlib is not installed")
     print(f"wrote {out / f'{name}.json'} (total {total:.0f} s)")
+    docs = opts.docs if opts.docs is not None else (
+        "" if opts.quick else str(HERE.parent / "docs" / "minilm_results.md"))
+    if docs:
+        Path(docs).write_text(docs_page(result, records, opts))
+        try:
+            plot(main_runs, Path(docs).with_name("prune_minilm.png"))
+        except ImportError:
+            pass
+        print(f"wrote {docs}")
     return 0 if all(bars.values()) else 1
+
+
+def docs_page(result: dict, records: list[dict], opts) -> str:
+    """The docs page of this run: settings, machine, the table and the bars."""
+    checks = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}"
+                        for name, ok in result["bars"].items())
+    flag = " --ablation" if opts.ablation else ""
+    return f"""# Pruning all-MiniLM-L6-v2: the benchmark
+
+Written by `benchmarks/prune_minilm.py` (do not edit by hand); rerun it to refresh:
+
+```bash
+OPENBLAS_NUM_THREADS=1 python benchmarks/prune_minilm.py{flag}
+```
+
+All 36 Dense layers of the 6 Transformer layers, {result['calib']} calibration and
+{result['eval']} held-out stdlib-docstring sentences, sequential, 1% damping. cosine: mean
+cosine of the pruned model's sentence embeddings to the dense model's on the held-out
+sentences; NN agree: fraction of held-out sentences whose nearest neighbour is unchanged;
+layer loss: sum over layers against each layer's target (comparable within one target);
+seconds: the whole `prune_encoder` call, calibration passes and compilation included.
+`it` > 1: I-OBS iterations with step 0.5, keeping the best iterate on a held-out
+calibration batch. `target` dense: each layer reconstructs the dense model's output;
+local: its own dense output on its current inputs; `scope`: I-OBS masks per row or per
+layer. The dense Flax model reproduces the sentence-transformers reference embeddings to
+a minimum cosine of {result['fixture_min_cosine']:.7f}.
+
+Machine: {result['cpus']} CPUs ({result['machine']}), JAX {result['jax']} on
+{result['backend']}, `OPENBLAS_NUM_THREADS=1`, {result['date']}; whole run
+{result['total_seconds'] / 60:.1f} min.
+
+```text
+{table(records)}
+```
+
+![MiniLM pruning](prune_minilm.png)
+
+Checks the benchmark makes on its own numbers:
+
+{checks}
+"""
 
 
 if __name__ == "__main__":
