@@ -73,3 +73,22 @@ def test_pruning_guide_snippets_run():
 def test_optax_guide_snippet_runs():
     kernel = _run(_blocks("docs/optax.md")[0], "optax guide")["params"]["dense"]["kernel"]
     assert int(jnp.sum(kernel != 0)) == 3  # 10% of 32 kept
+
+
+def test_every_relative_link_of_the_docs_points_to_a_file():
+    """README and docs/ link each other and the benchmarks' pages and figures: a page that
+    moves or a benchmark that stops writing its page breaks a link, caught here."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+    written = ["convergence.md", "prune_mnist.md", "minilm_results.md", "prune_any.md",
+               "prune_lm.md", "sparse_training.md", "layerwise.md"]
+    for name in written:  # the pages the benchmarks write say which one wrote them
+        text = (ROOT / "docs" / name).read_text()
+        assert re.search(r"(Written|Generated) by `benchmarks/\w+\.py`", text), name
