@@ -21,6 +21,11 @@ _PRIORS = ("gaussian", "rademacher", "mnist")
 
 def register(sub) -> None:
     """Add the ``sweep`` and ``paper`` subcommands to ``sub`` (argparse subparsers)."""
+    _register_sweep(sub)
+    _register_paper(sub)
+
+
+def _register_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep", parents=[common.common_parser()],
         help="recovery success of several solvers over an (n, k*) grid",
@@ -71,6 +76,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=sweep_command)
 
+
+def _register_paper(sub) -> None:
     q = sub.add_parser(
         "paper", parents=[common.common_parser()],
         help="the paper's two synthetic figures (Gaussian and MNIST priors)",
