@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -403,7 +404,8 @@ def main():
     if docs:
         Path(docs).write_text(docs_page(meta, all_res, bars, settings))
         print(f"wrote {docs}")
-        plot(all_res, Path(docs).with_suffix(".png"))
+        if out.with_suffix(".png").exists():  # the figure of this run, next to the page
+            shutil.copyfile(out.with_suffix(".png"), Path(docs).with_suffix(".png"))
 
 
 def docs_page(meta: dict, all_res: dict, bars: list[dict], settings) -> str:

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from iobs_jax.core import files
-from iobs_jax.core.files import save_figure
 
 LM_METHODS = ("magnitude", "wanda", "sparsegpt", "iobs")
 DEFAULT_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
@@ -158,7 +157,7 @@ def plot(records: Sequence[dict], path: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     paths.append(path.with_name(path.stem + "_sparsity.png"))
-    save_figure(fig, paths[-1], dpi=120)
+    files.save_figure(fig, paths[-1], dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for best in best_iterates(list(records)):
         runs = sorted((r["iterations"], r["perplexity"]) for r in records
@@ -171,7 +170,7 @@ def plot(records: Sequence[dict], path: Path) -> list[Path]:
     ax.legend(title="pattern")
     fig.tight_layout()
     paths.append(path.with_name(path.stem + "_iterations.png"))
-    save_figure(fig, paths[-1], dpi=120)
+    files.save_figure(fig, paths[-1], dpi=120)
     return paths
 
 

@@ -431,7 +431,7 @@ def sweep(
                   problem=problem, design=design, rho=rho, prior=prior,
                   success_tol=success_tol, methods=list(factories), devices=len(devices),
                   chunk_size=st.chunk_size, backend=jax.default_backend(),
-                  dtype=str(jnp.dtype(problems._dtype(dtype))))
+                  dtype=st.dtype.name)
     return SweepResult(rows, per_trial, config)
 
 
@@ -457,6 +457,7 @@ class _Settings:
     @classmethod
     def checked(cls, *, d, n, k, noise, trials, problem, design, rho, prior, signals,
                 success_tol, dtype, chunk_size, maxiter) -> _Settings:
+        dtype = jnp.dtype(problems._dtype(dtype))  # None: float64 if x64 is on, else float32
         d = check_int(d, "d", low=1)
         ns, ks = _ints(n, "n", 1), _ints(k, "k", 0)
         noises = tuple(float(check_nonnegative_scalar(v, "noise"))
@@ -471,7 +472,7 @@ class _Settings:
             if signals is None or problem != "linear":
                 raise ValueError("prior='mnist' needs signals=(N, d) images and "
                                  "problem='linear'.")
-            signals = jnp.asarray(signals, problems._dtype(dtype))
+            signals = jnp.asarray(signals, dtype)
             if signals.ndim != 2 or signals.shape[1] != d:
                 raise ValueError(f"signals must be (N, d={d}); got shape {signals.shape}.")
         elif signals is not None:
@@ -508,7 +509,6 @@ def _run_cells(st: _Settings, factories: dict, key, devices: list, grid: bool, p
     padded, chunk = _layout(st.trials, len(devices), st.chunk_size)
     mesh = Mesh(np.asarray(devices), ("batch",))
     split, shared = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    dt = jnp.dtype(problems._dtype(st.dtype))
     place = lambda *values: tuple(jax.device_put(v, shared) for v in values)
     extra = () if st.signals is None else place(st.signals)
     specs = _grid_specs(st, factories, padded, chunk, devices)
@@ -516,7 +516,7 @@ def _run_cells(st: _Settings, factories: dict, key, devices: list, grid: bool, p
         example = tuple(jax.device_put(v, split) for v in _trial_keys(key, padded))
         compile_times = _compile_programs(
             {spec: place(np.int32(st.ns[0]), np.int32(st.ks[0]),
-                         np.asarray(st.noises[0], dt)) + extra
+                         np.asarray(st.noises[0], st.dtype)) + extra
              for spec in set(specs.values())}, example)
     rows, per_trial, cells = [], {}, st.cells()
     total = len(cells) * len(factories)
@@ -529,7 +529,7 @@ def _run_cells(st: _Settings, factories: dict, key, devices: list, grid: bool, p
                 spec = specs[name, nn, kk]
                 compiled, compile_s = _PROGRAMS[spec], compile_times.pop(spec, 0.0)
                 cell_args = args + place(np.int32(nn), np.int32(kk),
-                                         np.asarray(st.noises[ii], dt)) + extra
+                                         np.asarray(st.noises[ii], st.dtype)) + extra
             else:
                 compiled, compile_s = _cell_program(
                     name, factory, st.problem, nn, st.d, kk, st.noises[ii], st.design, st.rho,
@@ -549,11 +549,10 @@ def _run_cells(st: _Settings, factories: dict, key, devices: list, grid: bool, p
 
 def _grid_specs(st: _Settings, factories: dict, padded: int, chunk: int, devices: list) -> dict:
     """``(name, n, k) -> _GridSpec``: the compiled program (shape bucket) of each cell."""
-    dt = jnp.dtype(problems._dtype(st.dtype))
     buckets = {name: _n_buckets(name, st.ns, st.d) for name in factories}
     k_buckets = {name: _k_buckets(name, st.ks) for name in factories}
     return {(name, nn, kk): _GridSpec(name, st.problem, st.design, st.rho, st.prior, st.d,
-                                      buckets[name][nn], k_buckets[name][kk], dt.name,
+                                      buckets[name][nn], k_buckets[name][kk], st.dtype.name,
                                       st.maxiter, padded, chunk, tuple(devices))
             for name in factories for nn in st.ns for kk in st.ks}
 
