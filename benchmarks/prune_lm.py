@@ -70,7 +70,7 @@ def main(argv=None):
     print(f"dense: test {info['test_bits_per_byte']:.4f} bits per byte, trained in "
           f"{info['seconds']:.0f} s ({info['tokens_per_second']:.0f} tokens/s)")
     data = lm.lm_data(model.config.max_seq_len, test=64 if args.quick else 256,
-                      calib=32 if args.quick else 128, val=16 if args.quick else 64)
+                      calib=32 if args.quick else 128, val=16 if args.quick else 128)
     configs = lm.lm_configs(lm.LM_METHODS, lm.DEFAULT_PATTERNS, args.max_iterations)
     records = lm.run_lm_experiment(model, data, configs)
     records += lm.best_iterates(records)
@@ -102,8 +102,9 @@ def _markdown(result: dict, figures: list[str]) -> str:
         f"{t['seconds']:.0f} s, {t['tokens_per_second']:.0f} tokens/s); test: "
         f"{t['test_bits_per_byte']:.3f} bits per byte. Every linear map is pruned "
         "sequentially from 128 random training windows; perplexity is over non-overlapping "
-        "test windows; `iobs-best` is the I-OBS iteration count with the lowest "
-        "perplexity on validation windows.",
+        "test windows; `iobs-best` is the I-OBS iterate kept by validation windows: the "
+        "fewest iterations whose validation NLL is within one standard error (paired over "
+        "windows) of the lowest (the one-standard-error rule).",
         "",
         "```",
         lm.table(result["records"]),

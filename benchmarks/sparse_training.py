@@ -58,12 +58,13 @@ def run_grid(ex, args, out: Path) -> list[dict]:
             for method in args.methods:
                 s = 0.0 if method == "dense" else sparsity
                 for seed in args.seeds:
-                    key = (model_name, method, s, seed, args.epochs)
+                    epochs = args.epochs[model_name]
+                    key = (model_name, method, s, seed, epochs)
                     if key in done:
                         continue
-                    r = ex.run(model, method, s, seed, args.epochs, train, test)
+                    r = ex.run(model, method, s, seed, epochs, train, test)
                     r.update(model=model_name, method=method, sparsity=s, seed=seed,
-                             epochs=args.epochs)
+                             epochs=epochs)
                     records.append(r)
                     done.add(key)
                     print(f"{model_name} {method:<13} {s:.2f} seed {seed}: "
@@ -83,8 +84,8 @@ def summarize(records, args):
     """``{model: {method: {sparsity: (mean, std, n, mean wall)}}}`` for this run's grid."""
     table = {}
     for r in records:
-        if r["epochs"] != args.epochs or r["seed"] not in args.seeds or \
-                r["model"] not in args.models or r["method"] not in args.methods:
+        if r["model"] not in args.models or r["epochs"] != args.epochs[r["model"]] or \
+                r["seed"] not in args.seeds or r["method"] not in args.methods:
             continue
         sparsities = args.sparsities if r["method"] != "dense" else [0.0]
         if r["sparsity"] not in sparsities:
@@ -145,7 +146,7 @@ def plot(summary, args, png: Path) -> None:
             xs = [s for s in args.sparsities if s in by_s]
             ax.errorbar([100 * s for s in xs], [by_s[s][0] for s in xs],
                         yerr=[by_s[s][1] for s in xs], marker="o", capsize=3, label=method)
-        ax.set_title(f"MNIST {model.upper()}, {args.epochs} epochs")
+        ax.set_title(f"MNIST {model.upper()}, {args.epochs[model]} epochs")
         ax.set_xlabel("kernel sparsity (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=7)
@@ -160,7 +161,7 @@ def write_docs(path: Path, table: str, verdicts: list[str], args, ex) -> None:
 
 Written by `benchmarks/sparse_training.py` (do not edit by hand); rerun it to refresh.
 Settings: models {", ".join(args.models)}; kernel sparsities {", ".join(
-        f"{s:.0%}" for s in args.sparsities)}; seeds {seeds}; {args.epochs} epochs of batch
+        f"{s:.0%}" for s in args.sparsities)}; seeds {seeds}; {_epochs_text(args.epochs)} of batch
 {ex.BATCH} on 8,000 of the packaged MNIST images, test on the other 2,000; AdamW lr
 {ex.LR} under every method; test accuracy (%) as mean ± std over seeds, then the mean
 wall time of one run (s; 2 shared CPU cores unless noted).
@@ -191,12 +192,33 @@ Bar (issue 16: the OBS projection chained after AdamW reaches at least GMP at 90
     path.write_text(text)
 
 
+def _parse_epochs(text: str, models: list[str], parser) -> dict[str, int]:
+    """``"10"`` (every model) or ``"mlp=10,cnn=5"`` -> ``{model: epochs}``."""
+    try:
+        if "=" not in text:
+            return dict.fromkeys(models, int(text))
+        given = {m: int(e) for m, e in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        parser.error(f"--epochs must be an int or model=int pairs; got {text!r}")
+    missing = [m for m in models if m not in given]
+    if missing:
+        parser.error(f"--epochs names no epoch count for {', '.join(missing)}")
+    return {m: given[m] for m in models}
+
+
+def _epochs_text(epochs: dict[str, int]) -> str:
+    if len(set(epochs.values())) == 1:
+        return f"{next(iter(epochs.values()))} epochs"
+    return ", ".join(f"{e} epochs ({m.upper()})" for m, e in epochs.items())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--sparsities", default="0.9,0.95,0.98")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", default="10",
+                        help="epochs of every run (10), or per model: mlp=10,cnn=5")
     parser.add_argument("--methods", default=None, help="subset of the example's methods")
     parser.add_argument("--data", default=None)
     parser.add_argument("--quick", action="store_true",
@@ -208,8 +230,9 @@ def main():
     args = parser.parse_args()
     ex = _example()
     if args.quick:
-        args.models, args.sparsities, args.seeds, args.epochs = "mlp", "0.9,0.95", "0", 3
+        args.models, args.sparsities, args.seeds, args.epochs = "mlp", "0.9,0.95", "0", "3"
     args.models = args.models.split(",")
+    args.epochs = _parse_epochs(args.epochs, args.models, parser)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = args.methods.split(",") if args.methods else list(ex.METHODS)

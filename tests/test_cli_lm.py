@@ -1,7 +1,9 @@
 """``iobs-jax train-lm`` / ``prune-lm`` on a tiny decoder: the report, its keys, the
 cache, the best-iterate selection and the one-line errors."""
 
+import doctest
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from flax import nnx
 from iobs_jax import models
 from iobs_jax.cli import lm as _cli_lm
 from iobs_jax.cli import main as _cli
+from iobs_jax.experiments import decoder_lm
+from iobs_jax.experiments.decoder_lm import one_standard_error
 
 KEYS = {"method", "pattern", "sparsity", "iterations", "perplexity", "dense_perplexity",
         "seconds"}
@@ -43,11 +47,15 @@ def test_prune_lm_writes_the_report_with_its_keys(tiny_model, tmp_path, capsys):
     for r in records:
         assert r["sparsity"] == pytest.approx(0.5)
         assert r["perplexity"] > 1 and r["dense_perplexity"] > 1
-    # the best iterate is the one with the lowest validation perplexity
+    # the iterate kept: the one-standard-error rule over the validation windows
     for best in records[-2:]:
         runs = [r for r in records[:-2] if r["method"] == "iobs"
                 and r["pattern"] == best["pattern"]]
-        assert best["val_perplexity"] == min(r["val_perplexity"] for r in runs)
+        assert all(len(r["val_window_nll"]) == 8 for r in runs)
+        assert math.exp(np.mean(best["val_window_nll"])) == pytest.approx(
+            best["val_perplexity"], rel=1e-5)
+        pick = one_standard_error([r["val_window_nll"] for r in runs])
+        assert best["iterations"] == runs[pick]["iterations"]
     assert (out / "prune_lm_sparsity.png").is_file()
     assert (out / "prune_lm_iterations.png").is_file()
     assert "dense perplexity" in (out / "table.txt").read_text()
@@ -85,3 +93,37 @@ def test_prune_lm_bad_options_are_one_line_errors(argv, message, tmp_path, capsy
     code = _cli.main(["prune-lm", "--out", str(tmp_path), "--no-cache", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_standard_error_rule_against_a_direct_count():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cands, windows = rng.integers(1, 6), rng.integers(2, 12)
+        base = rng.normal(3.0, 0.5, windows)  # shared per-window difficulty (paired)
+        nll = base + rng.normal(0, 0.02, (cands, windows)) + rng.normal(0, 0.02, (cands, 1))
+        pick = one_standard_error(nll.tolist())
+        means = nll.mean(axis=1)
+        best = int(np.argmin(means))
+        within = [i for i in range(cands)
+                  if means[i] - means[best] <= np.std(nll[i] - nll[best], ddof=1)
+                  / math.sqrt(windows)]
+        assert pick == within[0] and pick <= best
+    # a clear gain (far above the noise) is kept; a gain inside the noise is not
+    flat = np.tile(rng.normal(3.0, 0.5, 64), (3, 1))
+    assert one_standard_error(flat - [[0.0], [0.1], [0.2]]) == 2
+    noisy = flat + rng.normal(0, 0.05, flat.shape) - [[0.0], [0.001], [0.002]]
+    assert one_standard_error(noisy) == 0
+    with pytest.raises(ValueError, match="windows >= 2"):
+        one_standard_error([[1.0], [2.0]])
+    assert doctest.testmod(decoder_lm).failed == 0
+
+
+def test_window_nll_is_per_window_and_averages_to_evaluate(tiny_model):
+    model = models.load_decoder(tiny_model)
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, 256, (5, 33)).astype(np.int32)
+    per = models.window_nll(model, windows, batch_size=2)
+    assert per.shape == (5,)
+    assert per.mean() == pytest.approx(models.evaluate(model, windows), rel=1e-6)
+    for i in range(5):  # each window alone gives its own value
+        assert per[i] == pytest.approx(models.evaluate(model, windows[i:i + 1]), rel=1e-6)

@@ -79,8 +79,10 @@ def register(sub) -> None:
                    help="I-OBS step size for iterations > 1 (default 0.5)")
     p.add_argument("--calib", type=int, default=128,
                    help="random training windows for calibration (default 128)")
-    p.add_argument("--val", type=int, default=64,
-                   help="random validation windows that pick the best iterate (default 64)")
+    p.add_argument("--val", type=int, default=128,
+                   help="random validation windows that pick the I-OBS iterate kept: the "
+                        "fewest iterations within one standard error of the best "
+                        "(default 128)")
     p.add_argument("--test", type=int, default=256,
                    help="non-overlapping test windows for perplexity (default 256)")
     p.add_argument("--batch", type=int, default=16, help="windows per batch (default 16)")

@@ -74,7 +74,7 @@ def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
     ``on_record`` gets the records so far after each one (to write them as they come).
     """
     from iobs_jax import prune
-    from iobs_jax.models import evaluate
+    from iobs_jax.models import evaluate, window_nll
 
     dense_nll = evaluate(model, data.test_windows)
     records = []
@@ -82,10 +82,12 @@ def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
         t0 = time.perf_counter()
         pruned, report = prune(model, data.calib, **_prune_kwargs(cfg, damping, step_size))
         seconds = time.perf_counter() - t0
-        nll, val_nll = evaluate(pruned, data.test_windows), evaluate(pruned, data.val_windows)
+        nll, val_nll = evaluate(pruned, data.test_windows), window_nll(pruned, data.val_windows)
         rec = dict(method=cfg.method, pattern=cfg.pattern, sparsity=report.sparsity,
                    iterations=cfg.iterations, perplexity=math.exp(nll),
-                   bits_per_byte=nll / math.log(2), val_perplexity=math.exp(val_nll),
+                   bits_per_byte=nll / math.log(2),
+                   val_perplexity=math.exp(float(np.mean(val_nll))),
+                   val_window_nll=[round(float(v), 6) for v in val_nll],
                    dense_perplexity=math.exp(dense_nll), layer_loss=report.total_loss,
                    layers=len(report.layers), seconds=seconds)
         records.append(rec)
@@ -98,16 +100,41 @@ def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
 
 
 def best_iterates(records: list[dict]) -> list[dict]:
-    """Per pattern, the I-OBS record whose iteration count has the lowest validation
-    perplexity (the iterate one keeps without looking at the test set)."""
+    """Per pattern, the I-OBS iterate one keeps without looking at the test set: the
+    fewest iterations whose validation NLL is within one standard error of the lowest
+    (:func:`one_standard_error`)."""
     out = []
     for pattern in dict.fromkeys(r["pattern"] for r in records):
-        runs = [r for r in records if r["method"] == "iobs" and r["pattern"] == pattern]
+        runs = sorted((r for r in records if r["method"] == "iobs" and r["pattern"] == pattern),
+                      key=lambda r: r["iterations"])
         if runs:
-            best = min(runs, key=lambda r: (r["val_perplexity"], r["iterations"]))
+            best = runs[one_standard_error([r["val_window_nll"] for r in runs])]
             out.append({**best, "method": "iobs-best", "selected_iterations": best[
                 "iterations"]})
     return out
+
+
+def one_standard_error(window_nll: Sequence[Sequence[float]]) -> int:
+    """Index of the first candidate (ordered simplest first) whose mean NLL exceeds the
+    lowest mean by at most the standard error of their paired per-window differences.
+
+    The "one-standard-error rule" of model selection (Breiman et al. 1984; glmnet's
+    ``lambda.1se``): a later I-OBS iterate is kept only when its gain on the validation
+    windows is larger than the noise of measuring it there. Plain arg-min picks an
+    iterate whose validation gain of ~0.1% need not hold on other windows.
+
+    >>> one_standard_error([[1.0, 2.0, 3.0], [0.99, 1.99, 3.02], [0.5, 1.5, 2.5]])
+    2
+    >>> one_standard_error([[1.0, 2.0, 3.0], [0.99, 2.01, 2.99]])
+    0
+    """
+    nll = np.asarray(window_nll, dtype=np.float64)
+    if nll.ndim != 2 or nll.shape[1] < 2:
+        raise ValueError(f"need (candidates, windows >= 2) NLLs; got shape {nll.shape}.")
+    best = int(np.argmin(nll.mean(axis=1)))
+    diff = nll - nll[best]
+    se = diff.std(axis=1, ddof=1) / np.sqrt(nll.shape[1])
+    return int(np.flatnonzero(diff.mean(axis=1) <= se)[0])
 
 
 def lm_configs(methods: Sequence[str], patterns: Sequence[str], max_iterations: int

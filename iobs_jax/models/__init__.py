@@ -16,13 +16,13 @@ from typing import Any
 _NAMES = {
     ".decoder": ("Decoder", "DecoderConfig", "load_decoder", "next_byte_loss", "save_decoder"),
     ".text": ("ByteTokenizer", "random_windows", "sequential_windows", "stdlib_source"),
-    ".train": ("TrainConfig", "bits_per_byte", "evaluate", "train_decoder"),
+    ".train": ("TrainConfig", "bits_per_byte", "evaluate", "train_decoder", "window_nll"),
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 
 __all__ = ["Decoder", "DecoderConfig", "load_decoder", "save_decoder", "next_byte_loss",
            "ByteTokenizer", "stdlib_source", "random_windows", "sequential_windows",
-           "TrainConfig", "train_decoder", "evaluate", "bits_per_byte"]
+           "TrainConfig", "train_decoder", "evaluate", "window_nll", "bits_per_byte"]
 
 
 def __getattr__(name: str) -> Any:

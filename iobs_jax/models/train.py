@@ -22,7 +22,7 @@ from flax import nnx
 from iobs_jax.models.decoder import Decoder, DecoderConfig, next_byte_loss
 from iobs_jax.models.text import random_windows
 
-__all__ = ["TrainConfig", "train_decoder", "evaluate", "bits_per_byte"]
+__all__ = ["TrainConfig", "train_decoder", "evaluate", "window_nll", "bits_per_byte"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,19 +106,23 @@ def train_decoder(cfg: DecoderConfig, train: TrainConfig, data: np.ndarray, *,
 
 def evaluate(model: Decoder, windows: np.ndarray, batch_size: int = 32) -> float:
     """Mean next-byte NLL (nats) over every target of ``windows`` ``(N, T + 1)``."""
+    return float(np.mean(window_nll(model, windows, batch_size)))
+
+
+def window_nll(model: Decoder, windows: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """``(N,)`` mean next-byte NLL (nats) of each window of ``windows`` ``(N, T + 1)``
+    (every window has ``T`` targets, so their mean is :func:`evaluate`); per-window
+    values give paired standard errors when two models are compared on the same windows."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def total(state, batch):
-        logits = nnx.merge(graphdef, state)(batch[:, :-1])
-        return next_byte_loss(logits, batch[:, 1:]) * batch[:, 1:].size
+    def per_window(state, batch):
+        return jax.vmap(next_byte_loss)(nnx.merge(graphdef, state)(batch[:, :-1]),
+                                        batch[:, 1:])
 
-    acc, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = jnp.asarray(windows[start:start + batch_size])
-        acc += float(total(state, batch))
-        count += batch[:, 1:].size
-    return acc / count
+    out = [np.asarray(per_window(state, jnp.asarray(windows[start:start + batch_size])))
+           for start in range(0, len(windows), batch_size)]
+    return np.concatenate(out).astype(np.float64)
 
 
 def bits_per_byte(nll: float) -> float:
