@@ -24,7 +24,9 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
   when the loss drops by a fixed absolute amount).
 - throughput: our batched HTP / OBSPursuit (instances/s over the whole grid) against a
   per-instance NumPy loop of the same HTP, and achieved GFLOP/s of HTP and OBSPursuit (an
-  analytic count of their matrix work) against the machine's float64 matmul peak (a
+  analytic count of their matrix work) against the machine's matmul peak in the same
+  precision (``--dtype``: float64 by default, as the baselines; float32 is what a sweep
+  runs in JAX's default precision; the instances are the float64 ones, rounded) (a
   jitted 1024 x 1024 product, which XLA spreads over all cores; the solvers run on one)
   measured in the same run.
 
@@ -157,9 +159,9 @@ def numpy_htp(a, y, k, maxiter=100):
     return x
 
 
-def matmul_peak(size=1024, repeats=5) -> float:
-    """float64 GFLOP/s of a jitted size x size matmul on this machine, now."""
-    a = jax.random.normal(jax.random.key(0), (size, size))
+def matmul_peak(size=1024, repeats=5, dtype="float64") -> float:
+    """GFLOP/s of a jitted size x size matmul in ``dtype`` on this machine, now."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = np.inf
@@ -199,6 +201,8 @@ def main():
                         help="baselines to run (default all; '' for none: ours and the "
                              "NumPy HTP loop only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="precision of our solvers (default float64, as the baselines)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                               "recovery_baselines.json"))
     opts = parser.parse_args()
@@ -211,10 +215,10 @@ def main():
     if any(m not in BASELINES for m in base_run):
         parser.error(f"--baselines must list some of {', '.join(BASELINES)}")
     key = jax.random.key(opts.seed)
-    peak_before = matmul_peak()
+    peak_before = matmul_peak(dtype=opts.dtype)
 
     print(f"ours: {', '.join(ours_run)} (batched sweep) ...", flush=True)
-    ours = sw.sweep(ours_run, d=D, n=ns, k=ks, trials=opts.trials, key=key)
+    ours = sw.sweep(ours_run, d=D, n=ns, k=ks, trials=opts.trials, key=key, dtype=opts.dtype)
     rows = [dict(method=r["method"], n=r["n"], k=r["k"], success=r["success_rate"],
                  sweep_ms_per_instance=r["ms_per_instance"],
                  mean_iterations=r["mean_iterations"]) for r in ours.rows]
@@ -229,7 +233,8 @@ def main():
             stacked = instances(key, n, k, opts.trials)
             for row in rows:
                 if row["method"] in OURS and (row["n"], row["k"]) == (n, k):
-                    row["ms_per_instance"] = 1e3 * solve_time(row["method"], n, k, *stacked[:2])
+                    row["ms_per_instance"] = 1e3 * solve_time(
+                        row["method"], n, k, *(v.astype(opts.dtype) for v in stacked[:2]))
             probs = list(zip(*(np.asarray(v) for v in stacked), strict=True))
             for name, fn in base_run.items():
                 t0, ok = time.perf_counter(), 0
@@ -248,7 +253,7 @@ def main():
             rows.append(dict(method="HTP, NumPy loop", n=n, k=k, success=ok / len(probs),
                              ms_per_instance=1e3 * loop_times[-1]))
             print(f"  n={n} k*={k} done", flush=True)
-    peak = max(peak_before, matmul_peak())
+    peak = max(peak_before, matmul_peak(dtype=opts.dtype))
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     summary = {}
@@ -297,7 +302,8 @@ def main():
     for m, g in gflops.items():
         if m in summary:
             print(f"{m}: {summary[m]['instances_per_s']:.0f} instances/s, {g:.2f} GFLOP/s "
-                  f"achieved vs float64 matmul peak {peak:.1f} GFLOP/s ({100 * g / peak:.1f}%)")
+                  f"achieved vs {opts.dtype} matmul peak {peak:.1f} GFLOP/s "
+                  f"({100 * g / peak:.1f}%)")
     best_ours = max(ours_run, key=lambda m: summary[m]["overall"])
     fastest_base = max(baselines, key=lambda m: summary[m]["instances_per_s"])
     bars = {
@@ -314,9 +320,9 @@ def main():
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(jax=jax.__version__, backend=jax.default_backend(), machine=platform.machine(),
-                cpus=os.cpu_count(), d=D, n=ns, k=ks, trials=opts.trials, tol=TOL,
-                seed=opts.seed)
+    meta = dict(dtype=opts.dtype, jax=jax.__version__, backend=jax.default_backend(),
+                machine=platform.machine(), cpus=os.cpu_count(), d=D, n=ns, k=ks,
+                trials=opts.trials, tol=TOL, seed=opts.seed)
     out.write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary,
                                    worst_cell_gap=cell_gap, best_baseline=best_base,
                                    gflops=gflops, matmul_peak_gflops=peak, chunk_size=CHUNK,

@@ -39,11 +39,19 @@ def test_prune_lm_writes_the_report_with_its_keys(tiny_model, tmp_path, capsys):
     assert code == 0
     records = json.loads((out / "report.json").read_text())
     assert all(KEYS <= set(r) for r in records)
-    runs = [(r["method"], r["pattern"], r["iterations"]) for r in records]
-    assert runs == [("magnitude", "0.5", 1), ("iobs", "0.5", 1), ("iobs", "0.5", 2),
-                    ("magnitude", "2:4", 1), ("iobs", "2:4", 1), ("iobs", "2:4", 2),
-                    ("iobs-best", "0.5", records[-2]["iterations"]),
-                    ("iobs-best", "2:4", records[-1]["iterations"])]
+    runs = [(r["method"], r["pattern"], r["iterations"], r["scope"]) for r in records]
+    assert runs == [("magnitude", "0.5", 1, "layer"), ("magnitude", "0.5", 1, "row"),
+                    ("iobs", "0.5", 1, None), ("iobs", "0.5", 2, None),
+                    ("magnitude", "2:4", 1, None), ("iobs", "2:4", 1, None),
+                    ("iobs", "2:4", 2, None),
+                    ("iobs-best", "0.5", records[-2]["iterations"], None),
+                    ("iobs-best", "2:4", records[-1]["iterations"], None)]
+    # magnitude's two comparison groups at 0.5: exactly one kept, by the same rule
+    layer, row = records[:2]
+    assert layer["chosen"] + row["chosen"] == 1
+    assert row["chosen"] == (one_standard_error([layer["val_window_nll"],
+                                                 row["val_window_nll"]]) == 1)
+    assert all(r["chosen"] for r in records[2:])
     for r in records:
         assert r["sparsity"] == pytest.approx(0.5)
         assert r["perplexity"] > 1 and r["dense_perplexity"] > 1
@@ -127,3 +135,19 @@ def test_window_nll_is_per_window_and_averages_to_evaluate(tiny_model):
     assert per.mean() == pytest.approx(models.evaluate(model, windows), rel=1e-6)
     for i in range(5):  # each window alone gives its own value
         assert per[i] == pytest.approx(models.evaluate(model, windows[i:i + 1]), rel=1e-6)
+
+
+def test_choose_scopes_keeps_the_usual_group_unless_the_other_is_clearly_better():
+    rng = np.random.default_rng(2)
+    base = rng.normal(2.0, 0.3, 32)
+
+    def rec(method, scope, shift, pattern="0.5"):
+        return dict(method=method, pattern=pattern, scope=scope, chosen=True,
+                    val_window_nll=(base + shift + rng.normal(0, 1e-3, 32)).tolist())
+
+    records = [rec("wanda", "row", 0.0), rec("wanda", "layer", -0.05),  # layer clearly better
+               rec("magnitude", "layer", 0.0), rec("magnitude", "row", -1e-4),  # a tie
+               rec("wanda", None, 0.0, "2:4"), rec("sparsegpt", None, 0.0)]
+    out = decoder_lm.choose_scopes(records)
+    assert [r["chosen"] for r in out] == [False, True, True, False, True, True]
+    assert all(r["chosen"] for r in records)  # the input is not changed

@@ -23,6 +23,7 @@ from iobs_jax.experiments.decoder_lm import (  # noqa: F401 (also re-exported: t
     _prune_kwargs,
     _scores,
     best_iterates,
+    choose_scopes,
     default_sizes,
     lm_cache,
     lm_configs,
@@ -159,7 +160,7 @@ def prune_lm_command(args: argparse.Namespace) -> list[dict]:
     records = run_lm_experiment(
         model, data, configs, damping=args.damping, step_size=args.step_size, say=say,
         on_record=lambda recs: common.write_text(report, json.dumps(recs, indent=2)))
-    records += best_iterates(records)
+    records = choose_scopes(records) + best_iterates(records)
     common.write_text(report, json.dumps(records, indent=2))
     text = table(records)
     common.write_text(out / "table.txt", text + "\n")

@@ -49,10 +49,20 @@ class LMConfig(NamedTuple):
     method: str
     pattern: str  # "0.5" (unstructured sparsity) or "2:4"
     iterations: int = 1
+    scope: str | None = None  # comparison group of magnitude / Wanda: "row" or "layer"
+
+
+# Magnitude and Wanda rank weights within a comparison group, and which group is better
+# depends on the model (the Wanda paper: per output row for LLMs, per layer elsewhere).
+# Both are run; the one kept is chosen on validation windows, each method's usual group
+# first (magnitude: the layer, as the Wanda paper's baseline; Wanda: the output row).
+SCOPES = {"magnitude": ("layer", "row"), "wanda": ("row", "layer")}
 
 
 def _prune_kwargs(cfg: LMConfig, damping: float, step_size: float) -> dict:
     kwargs: dict[str, Any] = dict(method=cfg.method, damping=damping, progress=False)
+    if cfg.scope is not None:
+        kwargs["scope"] = cfg.scope
     if ":" in cfg.pattern:
         kwargs["pattern"] = cfg.pattern
     else:
@@ -84,19 +94,38 @@ def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
         seconds = time.perf_counter() - t0
         nll, val_nll = evaluate(pruned, data.test_windows), window_nll(pruned, data.val_windows)
         rec = dict(method=cfg.method, pattern=cfg.pattern, sparsity=report.sparsity,
-                   iterations=cfg.iterations, perplexity=math.exp(nll),
+                   iterations=cfg.iterations, scope=cfg.scope, chosen=True,
+                   perplexity=math.exp(nll),
                    bits_per_byte=nll / math.log(2),
                    val_perplexity=math.exp(float(np.mean(val_nll))),
                    val_window_nll=[round(float(v), 6) for v in val_nll],
                    dense_perplexity=math.exp(dense_nll), layer_loss=report.total_loss,
                    layers=len(report.layers), seconds=seconds)
         records.append(rec)
-        say(f"{cfg.method:>10} {cfg.pattern:>5} it={cfg.iterations}: perplexity "
+        say(f"{cfg.method:>10} {cfg.pattern:>5} it={cfg.iterations}"
+            f"{'' if cfg.scope is None else ' ' + cfg.scope}: perplexity "
             f"{rec['perplexity']:.4f} (dense {rec['dense_perplexity']:.4f}), "
             f"{seconds:.1f} s")
         if on_record is not None:
             on_record(records)
     return records
+
+
+def choose_scopes(records: list[dict]) -> list[dict]:
+    """Mark which comparison group of magnitude and Wanda is kept (``chosen``) per
+    pattern: the method's usual group unless the other is better on the validation
+    windows by more than one standard error (:func:`one_standard_error`). N:M patterns
+    have one group (each block of ``M``): their single run is kept."""
+    out = [dict(r) for r in records]
+    for method, order in SCOPES.items():
+        for pattern in dict.fromkeys(r["pattern"] for r in out):
+            runs = sorted((r for r in out if r["method"] == method and r["pattern"] == pattern
+                           and r.get("scope") is not None), key=lambda r: order.index(r["scope"]))
+            if len(runs) > 1:
+                pick = one_standard_error([r["val_window_nll"] for r in runs])
+                for i, r in enumerate(runs):
+                    r["chosen"] = i == pick
+    return out
 
 
 def best_iterates(records: list[dict]) -> list[dict]:
@@ -142,18 +171,24 @@ def lm_configs(methods: Sequence[str], patterns: Sequence[str], max_iterations: 
     out = []
     for pattern in patterns:
         for m in methods:
-            out.append(LMConfig(m, pattern, 1))
+            if m in SCOPES and ":" not in pattern:  # N:M: one group per block of M
+                out += [LMConfig(m, pattern, 1, scope) for scope in SCOPES[m]]
+            else:
+                out.append(LMConfig(m, pattern, 1))
         if "iobs" in methods:
             out += [LMConfig("iobs", pattern, t) for t in range(2, max_iterations + 1)]
     return out
 
 
 def table(records: Sequence[dict]) -> str:
-    head = (f"{'method':>10} {'pattern':>7} {'it':>3} {'sparsity':>8} {'perplexity':>10} "
-            f"{'bits/byte':>9} {'val ppl':>8} {'seconds':>8}")
+    """One line per record; ``scope`` is the comparison group of magnitude and Wanda,
+    ``*`` marks the one kept (:func:`choose_scopes`)."""
+    head = (f"{'method':>10} {'pattern':>7} {'it':>3} {'scope':>6} {'sparsity':>8} "
+            f"{'perplexity':>10} {'bits/byte':>9} {'val ppl':>8} {'seconds':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r['method']:>10} {r['pattern']:>7} {r['iterations']:>3} "
+        scope = "" if r.get("scope") is None else r["scope"] + ("*" if r.get("chosen") else "")
+        lines.append(f"{r['method']:>10} {r['pattern']:>7} {r['iterations']:>3} {scope:>6} "
                      f"{r['sparsity']:8.3f} {r['perplexity']:10.4f} {r['bits_per_byte']:9.4f} "
                      f"{r['val_perplexity']:8.4f} {r['seconds']:8.1f}")
     if records:
@@ -175,7 +210,7 @@ def plot(records: Sequence[dict], path: Path) -> list[Path]:
     for method in LM_METHODS:
         pts = sorted((float(r["pattern"]), r["perplexity"]) for r in records
                      if r["method"] == method and ":" not in r["pattern"]
-                     and r["iterations"] == 1)
+                     and r["iterations"] == 1 and r.get("chosen", True))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
     if records:
