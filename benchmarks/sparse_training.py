@@ -102,19 +102,26 @@ def markdown(summary, args) -> str:
     lines = []
     for model, by_method in summary.items():
         dense = by_method.get("dense", {}).get(0.0)
-        head = f"**{model.upper()}**" + (f" (dense AdamW: {dense[0]:.2f} ± {dense[1]:.2f})"
-                                        if dense else "")
+        head = f"**{model.upper()}**, {args.epochs[model]} epochs" + (
+            f" (dense AdamW: {dense[0]:.2f} ± {dense[1]:.2f})" if dense else "")
         lines += [head, "", "| method | " + " | ".join(f"{s:.0%}" for s in args.sparsities)
                   + " | s/run |", "|---|" + "---|" * (len(args.sparsities) + 1)]
         for method, by_s in by_method.items():
             if method == "dense":
                 continue
-            cells = [f"{by_s[s][0]:.2f} ± {by_s[s][1]:.2f}" if s in by_s else "-"
+            cells = [_cell(by_s[s], len(args.seeds)) if s in by_s else "-"
                      for s in args.sparsities]
             wall = np.mean([v[3] for v in by_s.values()])
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {wall:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(stats, seeds: int) -> str:
+    """``mean ± std``, with the number of seeds when fewer than asked ran."""
+    mean, std, n, _ = stats
+    return f"{mean:.2f}" + (f" ({n} seed)" if n == 1 else f" ± {std:.2f}") + (
+        f" ({n} seeds)" if 1 < n < seeds else "")
 
 
 def bar_verdicts(summary) -> list[str]:

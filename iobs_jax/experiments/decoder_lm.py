@@ -199,7 +199,7 @@ def table(records: Sequence[dict]) -> str:
 
 def plot(records: Sequence[dict], path: Path) -> list[Path]:
     """Perplexity against sparsity per method; perplexity against I-OBS iteration with
-    the best validation point marked (one line per pattern)."""
+    the iterate kept on validation marked (one line per pattern)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,7 +228,7 @@ def plot(records: Sequence[dict], path: Path) -> list[Path]:
         ax.plot([best["iterations"]], [best["perplexity"]], marker="*", ms=14,
                 color=line.get_color())
     ax.set(xlabel="I-OBS iterations", ylabel="test perplexity (bytes)",
-           title="star: best on validation windows")
+           title="star: iterate kept (1-SE rule on validation)")
     ax.legend(title="pattern")
     fig.tight_layout()
     paths.append(path.with_name(path.stem + "_iterations.png"))
