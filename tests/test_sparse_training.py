@@ -262,6 +262,32 @@ def test_obs_projection_diagonal_equals_dense_reference_over_two_steps(f64_probl
         np.testing.assert_allclose(np.asarray(ravel_pytree(p)[0]), want, atol=1e-12)
 
 
+def test_obs_projection_compensates_only_at_mask_updates_when_asked(f64_problem):
+    # update_every=2: step 0 recomputes the mask (full OBS projection, as by default),
+    # step 1 holds it and only zeroes the pruned coordinates of the candidate.
+    params, loss, per_example, *_ = f64_problem
+    make = lambda c: optax.chain(optax.sgd(0.3), iox.obs_projection(
+        0.75, "fisher", damping=0.05, update_every=2, compensate=c))
+    runs = {}
+    for c in ("every_update", "mask_updates"):
+        tx, p = make(c), params
+        state, update, flats = tx.init(params), jax.jit(tx.update), []
+        for _ in range(2):
+            grads = jax.grad(loss)(p)
+            candidate = np.asarray(ravel_pytree(p)[0]) - 0.3 * np.asarray(
+                ravel_pytree(grads)[0])
+            updates, state = update(grads, state, p, per_example_grads=per_example(p))
+            p = optax.apply_updates(p, updates)
+            flats.append((candidate, np.asarray(ravel_pytree(p)[0])))
+        runs[c] = flats
+    (_, every0), (_, every1) = runs["every_update"]
+    (_, mask0), (cand1, mask1) = runs["mask_updates"]
+    np.testing.assert_allclose(mask0, every0, rtol=1e-12, atol=1e-14)  # a mask update
+    kept = mask0 != 0
+    np.testing.assert_allclose(mask1, np.where(kept, cand1, 0.0), rtol=1e-12, atol=1e-14)
+    assert not np.allclose(every1[kept], cand1[kept])  # the default corrects them
+
+
 def test_obs_projection_guards_a_nan_step_and_counts_it(f64_problem):
     params, loss, per_example, *_ = f64_problem
     tx = optax.chain(optax.sgd(0.1), iox.obs_projection(0.5, "fisher"))
@@ -439,6 +465,7 @@ def test_regex_filter_and_misuse_errors():
     cases = [
         (lambda: iox.obs_projection(0.5, "newton"), "curvature"),
         (lambda: iox.obs_projection(0.5, damping_mode="rel"), "damping_mode"),
+        (lambda: iox.obs_projection(0.5, compensate="sometimes"), "compensate"),
         (lambda: iox.obs_projection(1.5), "sparsity"),
         (lambda: iox.hard_threshold(0.5, pattern="3x"), "pattern"),
         (lambda: iox.hard_threshold(0.5, distribution="erdos"), "distribution"),

@@ -44,6 +44,7 @@ from iobs_jax.optax.transforms import (
 )
 
 CURVATURES = ("fisher", "hvp", "diagonal")
+COMPENSATE = ("every_update", "mask_updates")
 
 
 class OBSProjectionState(NamedTuple):
@@ -72,6 +73,7 @@ def obs_projection(
     update_every: int = 1,
     cg_tol: float = 1e-4,
     cg_maxiter: int = 20,
+    compensate: str = "every_update",
 ) -> optax.GradientTransformationExtraArgs:
     """Land the optimizer's step on its OBS projection: goes last in any chain.
 
@@ -108,6 +110,15 @@ def obs_projection(
     ranks, i.e. ``sqrt`` of the summed single-weight saliencies (the diagonal
     approximation of a group's OBS cost).
 
+    ``compensate``: ``"every_update"`` (default) projects every candidate as above;
+    ``"mask_updates"`` applies the OBS correction only at mask updates (when weights are
+    newly removed, as gradual OBS pruning does) and in between zeroes the pruned
+    coordinates as :func:`hard_threshold` does. Between mask updates the removed part of
+    the candidate is only the optimizer's step on pruned coordinates; with a Fisher of a
+    few dozen gradients, folding it into the kept weights every step adds noise (on the
+    MNIST MLP at 95% one seed lost 1.8 points in its last epoch that way). With
+    ``"diagonal"`` the two are the same (its projection is the mask).
+
     Example:
       >>> tx = optax.chain(optax.sgd(0.1), obs_projection(0.5, "diagonal"))
       >>> params = {"w": jnp.array([[0.5, -2.0], [1.0, 0.1]])}
@@ -116,6 +127,9 @@ def obs_projection(
       2
     """
     _check_obs_options(curvature, damping, damping_mode, decay, cg_tol, cg_maxiter)
+    if compensate not in COMPENSATE:
+        raise ValueError(f"compensate must be one of {', '.join(map(repr, COMPENSATE))}; "
+                         f"got {compensate!r}.")
     proj = Projector(sparsity, distribution, filter, pattern, update_every)
     options = dict(damping=damping, relative=damping_mode == "relative", decay=decay,
                    cg_tol=cg_tol, cg_maxiter=cg_maxiter)
@@ -138,7 +152,12 @@ def obs_projection(
         curv, scores, diagonal = build(floats, target, state, extra, **options)
         masks, bad = proj.masks(lambda: rebuild(scores(), fill="ones"), state.masks,
                                 state.count, like=params)
-        new = _apply_masks(target, masks, where, curv)
+        if compensate == "mask_updates" and curv is not None:
+            new = jax.lax.cond(state.count % proj.every == 0,
+                               lambda: _apply_masks(target, masks, where, curv),
+                               lambda: _apply_masks(target, masks, where, None))
+        else:
+            new = _apply_masks(target, masks, where, curv)
         out, masks, diagonal, skipped, bad = _finish_second_order(
             updates, new, floats, where, masks, state, bad, target, diagonal, state.diagonal)
         return out, OBSProjectionState(optax.safe_increment(state.count), masks, diagonal,
