@@ -11,7 +11,7 @@ Bars (issue "Decoder language models judged by perplexity"):
 - at 50% and 2:4: the perplexity increase of I-OBS is at most 0.8x SparseGPT's, and
   SparseGPT beats Wanda beats magnitude (each baseline with the comparison group kept on
   validation windows; both groups are reported);
-- the best held-out I-OBS iterate is never worse than one iteration;
+- the I-OBS iterate kept on held-out windows is never worse than one iteration;
 - pruning the decoder with I-OBS takes at most 2x the time of SparseGPT.
 
 Writes ``benchmarks/results/prune_lm.json``, the figures, and ``docs/prune_lm.md``.

@@ -26,7 +26,8 @@ a cell is ``fold_in(cell_key, t)``). Success: ``||x - x*|| / ||x*|| < 1e-3``.
   per-instance NumPy loop of the same HTP, and achieved GFLOP/s of HTP and OBSPursuit (an
   analytic count of their matrix work) against the machine's matmul peak in the same
   precision (``--dtype``: float64 by default, as the baselines; float32 is what a sweep
-  runs in JAX's default precision; the instances are the float64 ones, rounded) (a
+  runs in JAX's default precision: the timed solves get the float64 instances rounded,
+  while the sweep's success comes from its own float32 draws of the same keys) (a
   jitted 1024 x 1024 product, which XLA spreads over all cores; the solvers run on one)
   measured in the same run.
 

@@ -120,8 +120,9 @@ def markdown(summary, args) -> str:
 def _cell(stats, seeds: int) -> str:
     """``mean ± std``, with the number of seeds when fewer than asked ran."""
     mean, std, n, _ = stats
-    return f"{mean:.2f}" + (f" ({n} seed)" if n == 1 else f" ± {std:.2f}") + (
-        f" ({n} seeds)" if 1 < n < seeds else "")
+    if n == 1:
+        return f"{mean:.2f}" + (" (1 seed)" if seeds > 1 else "")
+    return f"{mean:.2f} ± {std:.2f}" + (f" ({n} seeds)" if n < seeds else "")
 
 
 def bar_verdicts(summary) -> list[str]:
@@ -204,9 +205,12 @@ def _parse_epochs(text: str, models: list[str], parser) -> dict[str, int]:
     try:
         if "=" not in text:
             return dict.fromkeys(models, int(text))
-        given = {m: int(e) for m, e in (part.split("=") for part in text.split(","))}
+        pairs = [part.split("=") for part in text.split(",")]
+        given = {m: int(e) for m, e in pairs}
     except ValueError:
         parser.error(f"--epochs must be an int or model=int pairs; got {text!r}")
+    if len(given) != len(pairs):
+        parser.error(f"--epochs names a model twice: {text!r}")
     missing = [m for m in models if m not in given]
     if missing:
         parser.error(f"--epochs names no epoch count for {', '.join(missing)}")

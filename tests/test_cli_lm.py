@@ -95,6 +95,7 @@ def test_train_lm_caches_the_model(tmp_path, monkeypatch, capsys):
     (["--patterns", "4:2"], "--patterns"),
     (["--max-iterations", "0"], "--max-iterations must be >= 1"),
     (["--step-size", "0"], "--step-size must be > 0"),
+    (["--val", "1"], "--val must be >= 2"),
     (["--model", "/nonexistent"], "--model: '/nonexistent' is not a saved decoder"),
 ])
 def test_prune_lm_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
@@ -123,6 +124,8 @@ def test_one_standard_error_rule_against_a_direct_count():
     assert one_standard_error(noisy) == 0
     with pytest.raises(ValueError, match="windows >= 2"):
         one_standard_error([[1.0], [2.0]])
+    with pytest.raises(ValueError, match="not all finite"):
+        one_standard_error([[1.0, 2.0], [np.nan, 1.0]])
     assert doctest.testmod(decoder_lm).failed == 0
 
 
@@ -151,3 +154,5 @@ def test_choose_scopes_keeps_the_usual_group_unless_the_other_is_clearly_better(
     out = decoder_lm.choose_scopes(records)
     assert [r["chosen"] for r in out] == [False, True, True, False, True, True]
     assert all(r["chosen"] for r in records)  # the input is not changed
+    lone = decoder_lm.choose_scopes([{**rec("wanda", "layer", 0.0), "chosen": None}])
+    assert lone[0]["chosen"] is True  # one group ran (an interrupted run): it is kept

@@ -61,8 +61,10 @@ def register(sub) -> None:
             "Prune every linear map of the trained decoder (trained first if it is not "
             "cached) with calibration windows of the training split, sequentially, once per "
             "method and pattern, and report perplexity on non-overlapping test windows. I-OBS "
-            "runs 1..--max-iterations iterations; the best count on validation windows is "
-            "reported as iobs-best. Writes report.json, a table and two figures to --out."),
+            "runs 1..--max-iterations iterations; the count kept (iobs-best) is the fewest "
+            "within one standard error of the best on validation windows; magnitude and "
+            "Wanda run per layer and per row, the group kept chosen the same way. Writes "
+            "report.json, a table and two figures to --out."),
     )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--model", default=None,
@@ -126,8 +128,9 @@ def _check_lm_options(args) -> list[LMConfig]:
                                  f"an N:M pattern like 2:4.") from None
     if not methods or not patterns:
         raise ValueError("--methods and --patterns need at least one value.")
-    for name in ("calib", "val", "test", "batch", "max_iterations"):
+    for name in ("calib", "test", "batch", "max_iterations"):
         common.positive(name.replace("_", "-"), getattr(args, name))
+    common.positive("val", args.val, 2)  # a standard error needs two windows
     common.finite("damping", args.damping, 0.0)
     common.finite("step-size", args.step_size, 0.0)
     if args.step_size <= 0:

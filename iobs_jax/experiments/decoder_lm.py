@@ -26,12 +26,12 @@ DEFAULT_PATTERNS = ("0.5", "0.6", "0.7", "2:4")
 
 class LMData(NamedTuple):
     calib: list  # batches of input windows (B, T), int32
-    val: list  # batches of held-out input windows, for picking the best iterate
+    val: list  # batches of held-out input windows (the selection uses val_windows)
     val_windows: np.ndarray  # (N, T + 1) validation windows (perplexity)
     test_windows: np.ndarray  # (N, T + 1) non-overlapping test windows (perplexity)
 
 
-def lm_data(seq_len: int, *, calib: int = 128, batch: int = 16, val: int = 64,
+def lm_data(seq_len: int, *, calib: int = 128, batch: int = 16, val: int = 128,
             test: int = 256, seed: int = 0, root: str | None = None) -> LMData:
     """Calibration: ``calib`` random training windows; validation: ``val`` random
     validation windows; test: the first ``test`` non-overlapping test windows."""
@@ -94,7 +94,9 @@ def run_lm_experiment(model, data: LMData, configs: Sequence[LMConfig], *,
         seconds = time.perf_counter() - t0
         nll, val_nll = evaluate(pruned, data.test_windows), window_nll(pruned, data.val_windows)
         rec = dict(method=cfg.method, pattern=cfg.pattern, sparsity=report.sparsity,
-                   iterations=cfg.iterations, scope=cfg.scope, chosen=True,
+                   # a comparison group is kept or not once both ran (choose_scopes)
+                   iterations=cfg.iterations, scope=cfg.scope,
+                   chosen=True if cfg.scope is None else None,
                    perplexity=math.exp(nll),
                    bits_per_byte=nll / math.log(2),
                    val_perplexity=math.exp(float(np.mean(val_nll))),
@@ -121,10 +123,9 @@ def choose_scopes(records: list[dict]) -> list[dict]:
         for pattern in dict.fromkeys(r["pattern"] for r in out):
             runs = sorted((r for r in out if r["method"] == method and r["pattern"] == pattern
                            and r.get("scope") is not None), key=lambda r: order.index(r["scope"]))
-            if len(runs) > 1:
-                pick = one_standard_error([r["val_window_nll"] for r in runs])
-                for i, r in enumerate(runs):
-                    r["chosen"] = i == pick
+            pick = one_standard_error([r["val_window_nll"] for r in runs]) if runs else 0
+            for i, r in enumerate(runs):
+                r["chosen"] = i == pick
     return out
 
 
@@ -147,9 +148,11 @@ def one_standard_error(window_nll: Sequence[Sequence[float]]) -> int:
     """Index of the first candidate (ordered simplest first) whose mean NLL exceeds the
     lowest mean by at most the standard error of their paired per-window differences.
 
-    The "one-standard-error rule" of model selection (Breiman et al. 1984; glmnet's
-    ``lambda.1se``): a later I-OBS iterate is kept only when its gain on the validation
-    windows is larger than the noise of measuring it there. Plain arg-min picks an
+    A paired variant of the "one-standard-error rule" of model selection (Breiman et
+    al. 1984; glmnet's ``lambda.1se`` uses the SE of the best alone; here each
+    candidate's differences from the best on the same windows are used): a later I-OBS
+    iterate is kept only when its gain on the validation windows is larger than the noise
+    of measuring it there. Plain arg-min picks an
     iterate whose validation gain of ~0.1% need not hold on other windows.
 
     >>> one_standard_error([[1.0, 2.0, 3.0], [0.99, 1.99, 3.02], [0.5, 1.5, 2.5]])
@@ -160,6 +163,9 @@ def one_standard_error(window_nll: Sequence[Sequence[float]]) -> int:
     nll = np.asarray(window_nll, dtype=np.float64)
     if nll.ndim != 2 or nll.shape[1] < 2:
         raise ValueError(f"need (candidates, windows >= 2) NLLs; got shape {nll.shape}.")
+    if not np.all(np.isfinite(nll)):
+        raise ValueError("validation NLLs are not all finite (a pruned model produced "
+                         "NaN/inf): no candidate can be chosen.")
     best = int(np.argmin(nll.mean(axis=1)))
     diff = nll - nll[best]
     se = diff.std(axis=1, ddof=1) / np.sqrt(nll.shape[1])
