@@ -152,8 +152,8 @@ def one_standard_error(window_nll: Sequence[Sequence[float]]) -> int:
     al. 1984; glmnet's ``lambda.1se`` uses the SE of the best alone; here each
     candidate's differences from the best on the same windows are used): a later I-OBS
     iterate is kept only when its gain on the validation windows is larger than the noise
-    of measuring it there. Plain arg-min picks an
-    iterate whose validation gain of ~0.1% need not hold on other windows.
+    of measuring it there. Plain arg-min picks an iterate whose validation gain of ~0.1%
+    need not hold on other windows.
 
     >>> one_standard_error([[1.0, 2.0, 3.0], [0.99, 1.99, 3.02], [0.5, 1.5, 2.5]])
     2
