@@ -340,6 +340,10 @@ class Projector:
         bad = ~(jnp.isfinite(s) & (s >= 0) & (s < 1))
         return jnp.where(bad, 0.0, s), bad
 
+    def due(self, count) -> jax.Array:
+        """Whether update ``count`` recomputes the masks (every ``update_every``-th)."""
+        return count % self.every == 0
+
     def masks(self, scores, old_masks, count, like=None):
         """``(masks, bad)``: new masks from ``scores`` (a pytree like params) at mask-update
         steps, else ``old_masks``. ``bad``: the schedule's sparsity is NaN or outside
@@ -350,7 +354,7 @@ class Projector:
         inverse curvature's diagonal, which the projection itself does not)."""
         thunk = scores if callable(scores) else (lambda: scores)
         chosen = self.chosen(like if like is not None else scores)
-        due = count % self.every == 0
+        due = self.due(count)
         s, bad = self.sparsity_at(count)
         bad = due & bad
         if self.every == 1 and not callable(self.sparsity):

@@ -29,7 +29,7 @@ from iobs_jax.core.curvature import (
 )
 from iobs_jax.core.obs import saliency_rank
 from iobs_jax.core.sparsity import Projector
-from iobs_jax.core.validation import check_curvature_options
+from iobs_jax.core.validation import check_choice, check_curvature_options
 from iobs_jax.optax.transforms import (
     Schedule,
     SparsityState,
@@ -127,9 +127,7 @@ def obs_projection(
       2
     """
     _check_obs_options(curvature, damping, damping_mode, decay, cg_tol, cg_maxiter)
-    if compensate not in COMPENSATE:
-        raise ValueError(f"compensate must be one of {', '.join(map(repr, COMPENSATE))}; "
-                         f"got {compensate!r}.")
+    check_choice(compensate, "compensate", COMPENSATE)
     proj = Projector(sparsity, distribution, filter, pattern, update_every)
     options = dict(damping=damping, relative=damping_mode == "relative", decay=decay,
                    cg_tol=cg_tol, cg_maxiter=cg_maxiter)
@@ -153,7 +151,7 @@ def obs_projection(
         masks, bad = proj.masks(lambda: rebuild(scores(), fill="ones"), state.masks,
                                 state.count, like=params)
         if compensate == "mask_updates" and curv is not None:
-            new = jax.lax.cond(state.count % proj.every == 0,
+            new = jax.lax.cond(proj.due(state.count),
                                lambda: _apply_masks(target, masks, where, curv),
                                lambda: _apply_masks(target, masks, where, None))
         else:
