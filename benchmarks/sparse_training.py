@@ -129,7 +129,7 @@ def bar_verdicts(summary) -> list[str]:
     """The issue's bar: OBS projection (chained after AdamW) >= GMP on the MLP at 90/95%."""
     out = []
     mlp = summary.get("mlp", {})
-    for method in ("obs-fisher", "obs-diagonal"):
+    for method in ("obs-fisher", "obs-fisher-masks", "obs-diagonal"):
         for s in (0.9, 0.95):
             if s in mlp.get(method, {}) and s in mlp.get("gmp", {}):
                 a, g = mlp[method][s], mlp["gmp"][s]
@@ -182,6 +182,8 @@ Methods (see `examples/sparse_training_mnist.py` for the exact settings):
 - **obs-fisher** / **obs-diagonal**: `chain(adamw, obs_projection(cubic, "fisher" | "diagonal",
   update_every=F))`: the same schedule; mask by OBS saliency, kept weights corrected by
   the OBS formula every step (Fisher: 32 per-example gradients per step, Woodbury).
+- **obs-fisher-masks**: obs-fisher with `compensate="mask_updates"`: the Fisher and the
+  OBS correction only when the mask is recomputed, pruned coordinates zeroed in between.
 - **ste**: straight-through magnitude pruning (`ste(cubic)`, masked forward with
   `masked_params`, mask every step).
 - **set** / **rigl**: `sparse_evolutionary(adamw, s)` / `rigl(adamw, s)`: random ERK

@@ -16,8 +16,12 @@ jitted ``lax.scan`` of train steps. The methods, all ``optax.adamw(1e-3)`` under
   recomputed every ``F`` = a quarter epoch and held in between.
 - ``obs-fisher``: ``chain(adamw, obs_projection(cubic, "fisher", update_every=F))``: the
   same schedule, the mask by OBS saliency under the empirical Fisher of 32 per-example
-  gradients of the batch (passed as ``per_example_grads=``), the kept weights corrected
-  by the OBS formula at every update.
+  gradients of the batch (``per_example_grads=``, passed as a function so that it is
+  computed only where it is used), the kept weights corrected by the OBS formula at
+  every update.
+- ``obs-fisher-masks``: ``obs-fisher`` with ``compensate="mask_updates"``: the OBS
+  correction (and the Fisher) only when the mask is recomputed, the pruned coordinates
+  zeroed in between.
 - ``obs-diagonal``: the same with the running diagonal estimate (no extra arguments).
 - ``ste``: straight-through magnitude pruning with the cubic schedule: dense weights, a
   masked forward pass (``masked_params``), the mask recomputed every step; after the last
@@ -27,9 +31,8 @@ jitted ``lax.scan`` of train steps. The methods, all ``optax.adamw(1e-3)`` under
   drop fraction 0.3 (RigL: cosine-decayed).
 
 Also available with ``--methods``: ``iht`` (AdamW + ``hard_threshold(s)`` from the first
-step), ``iobs`` (``iobs(1e-3, cubic, curvature="diagonal", damping=1e-3)``, I-OBS with
-its own diagonal Newton-like step, no AdamW) and ``obs-fisher-masks`` (``obs-fisher`` with
-``compensate="mask_updates"``: the OBS correction only when the mask is recomputed).
+step) and ``iobs`` (``iobs(1e-3, cubic, curvature="diagonal", damping=1e-3)``, I-OBS with
+its own diagonal Newton-like step, no AdamW).
 Results: ``docs/sparse_training.md`` (written by ``benchmarks/sparse_training.py``).
 """
 
@@ -49,10 +52,10 @@ from iobs_jax import mnist
 BATCH = 128
 LR = 1e-3
 FISHER_EXAMPLES = 32
-METHODS = ("dense", "gmp", "obs-fisher", "obs-diagonal", "ste", "set", "rigl")
-# IHT at the final sparsity, I-OBS (diagonal), and the Fisher OBS projection corrected only
-# at mask updates (obs_projection(compensate="mask_updates")).
-EXTRA = ("iht", "iobs", "obs-fisher-masks")
+METHODS = ("dense", "gmp", "obs-fisher", "obs-fisher-masks", "obs-diagonal", "ste", "set",
+           "rigl")
+# IHT at the final sparsity and I-OBS (diagonal, its own Newton-like step).
+EXTRA = ("iht", "iobs")
 
 
 def build(method, sparsity, steps_per_epoch, total_steps, seed):
@@ -107,7 +110,9 @@ def make_epoch(model, tx, n, needs_pe, masked_forward):
             extra = {}
             if needs_pe:
                 one = lambda q, xi, yi: loss(q, xi[None], yi[None])
-                extra["per_example_grads"] = jax.vmap(jax.grad(one), (None, 0, 0))(
+                # A function: obs_projection calls it only where it uses the Fisher
+                # (every update, or only at mask updates with compensate="mask_updates").
+                extra["per_example_grads"] = lambda: jax.vmap(jax.grad(one), (None, 0, 0))(
                     p, x[:FISHER_EXAMPLES], y[:FISHER_EXAMPLES])
             updates, s = tx.update(jax.grad(loss)(seen, x, y), s, p, **extra)
             return (optax.apply_updates(p, updates), s), None

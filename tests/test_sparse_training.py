@@ -288,6 +288,60 @@ def test_obs_projection_compensates_only_at_mask_updates_when_asked(f64_problem)
     assert not np.allclose(every1[kept], cand1[kept])  # the default corrects them
 
 
+def test_obs_projection_calls_a_per_example_function_only_where_the_curvature_is_used(
+        f64_problem):
+    # A function for per_example_grads= gives the array's result; with
+    # compensate="mask_updates" it is not evaluated between mask updates (a NaN there
+    # would be counted as a skipped step), with the default it is, every update.
+    params, loss, per_example, *_ = f64_problem
+    grads = jax.grad(loss)(params)
+    poison = lambda: jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), per_example(params))
+    for when, skipped in (("mask_updates", 0), ("every_update", 1)):
+        tx = optax.chain(optax.sgd(0.3), iox.obs_projection(
+            0.75, "fisher", damping=0.05, update_every=2, compensate=when))
+        update = jax.jit(lambda g, s, p, f, tx=tx: tx.update(g, s, p, per_example_grads=f),
+                         static_argnums=3)
+        state = tx.init(params)
+        by_array, _ = jax.jit(tx.update)(grads, state, params,
+                                         per_example_grads=per_example(params))
+        by_function, state = update(grads, state, params, lambda: per_example(params))
+        for a, b in zip(jax.tree.leaves(by_array), jax.tree.leaves(by_function),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
+        p = optax.apply_updates(params, by_function)
+        _, state = update(jax.grad(loss)(p), state, p, poison)  # step 1: no mask update
+        assert int(state[1].skipped) == skipped, when
+
+
+def test_obs_projection_evaluates_loss_fn_only_at_mask_updates_when_asked(f64_problem):
+    params, loss, *_ = f64_problem
+    nan_loss = lambda p: loss(p) * jnp.nan
+    for when, skipped in (("mask_updates", 0), ("every_update", 1)):
+        tx = optax.chain(optax.sgd(0.1), iox.obs_projection(
+            0.5, "hvp", damping=0.1, update_every=2, compensate=when))
+        state, p = tx.init(params), params
+        for fn in (loss, nan_loss):  # step 0 updates the mask, step 1 holds it
+            updates, state = jax.jit(lambda g, s, q, fn=fn, tx=tx: tx.update(
+                g, s, q, loss_fn=fn))(jax.grad(loss)(p), state, p)
+            p = optax.apply_updates(p, updates)
+        assert int(state[1].skipped) == skipped, when
+
+
+def test_obs_projection_default_is_the_diagonal_curvature_with_no_extra_arguments(
+        f64_problem):
+    params, loss, *_ = f64_problem
+    grads = jax.grad(loss)(params)
+
+    def first_update(last):
+        tx = optax.chain(optax.adamw(0.1), last)
+        return jax.tree.leaves(tx.update(grads, tx.init(params), params)[0])
+
+    default, diagonal = (first_update(iox.obs_projection(0.5)),
+                         first_update(iox.obs_projection(0.5, "diagonal")))
+    for a, b in zip(default, diagonal, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_obs_projection_guards_a_nan_step_and_counts_it(f64_problem):
     params, loss, per_example, *_ = f64_problem
     tx = optax.chain(optax.sgd(0.1), iox.obs_projection(0.5, "fisher"))
