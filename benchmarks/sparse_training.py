@@ -92,9 +92,11 @@ def summarize(records, args):
             continue
         table.setdefault(r["model"], {}).setdefault(r["method"], {}).setdefault(
             r["sparsity"], []).append(r)
+    # Rows in the example's order of methods, columns in the order of sparsities asked.
     return {m: {k: {s: (np.mean([x["accuracy"] for x in rs]), np.std([x["accuracy"] for x in rs]),
                         len(rs), np.mean([x["wall_s"] for x in rs]))
-                    for s, rs in by_s.items()} for k, by_s in by_m.items()}
+                    for s, rs in sorted(by_m[k].items())}
+                for k in args.methods if k in by_m}
             for m, by_m in table.items()}
 
 
