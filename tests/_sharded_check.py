@@ -59,6 +59,8 @@ def transforms():
             0.75, distribution="erk", pattern="4x4")),
         "hard_threshold-2:4": optax.chain(adamw, iox.hard_threshold(0.5, pattern="2:4")),
         "obs-fisher": optax.chain(adamw, iox.obs_projection(sched, "fisher")),
+        "obs-fisher-masks": optax.chain(adamw, iox.obs_projection(
+            sched, "fisher", update_every=2, compensate="mask_updates")),
         "obs-hvp": optax.chain(adamw, iox.obs_projection(0.75, "hvp", cg_maxiter=8)),
         "obs-diagonal": optax.chain(adamw, iox.obs_projection(sched, "diagonal")),
         "ste": optax.chain(adamw, iox.ste(sched, distribution="uniform")),
