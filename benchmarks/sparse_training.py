@@ -1,6 +1,7 @@
 """Sparse training benchmark: MNIST MLP and CNN at 90/95/98% sparsity, 3 seeds, every
 method of ``examples/sparse_training_mnist.py`` (dense, GMP, OBS projection with Fisher
-and diagonal curvature, STE, SET, RigL), same budget each.
+curvature corrected every step or at mask updates, and with diagonal curvature, STE,
+SET, RigL), same budget each.
 
     python benchmarks/sparse_training.py             # the full grid (hours on 2 CPU cores)
     python benchmarks/sparse_training.py --quick     # MLP, 90/95%, 1 seed, 3 epochs
@@ -92,7 +93,7 @@ def summarize(records, args):
             continue
         table.setdefault(r["model"], {}).setdefault(r["method"], {}).setdefault(
             r["sparsity"], []).append(r)
-    # Rows in the example's order of methods, columns in the order of sparsities asked.
+    # Rows in the example's order of methods (columns are looked up by sparsity).
     return {m: {k: {s: (np.mean([x["accuracy"] for x in rs]), np.std([x["accuracy"] for x in rs]),
                         len(rs), np.mean([x["wall_s"] for x in rs]))
                     for s, rs in sorted(by_m[k].items())}
@@ -182,8 +183,9 @@ Methods (see `examples/sparse_training_mnist.py` for the exact settings):
 - **gmp**: gradual magnitude pruning, `chain(adamw, hard_threshold(cubic_sparsity_schedule(...),
   update_every=F))`, cubic schedule from epoch 1 to 70% of training, mask every quarter epoch.
 - **obs-fisher** / **obs-diagonal**: `chain(adamw, obs_projection(cubic, "fisher" | "diagonal",
-  update_every=F))`: the same schedule; mask by OBS saliency, kept weights corrected by
-  the OBS formula every step (Fisher: 32 per-example gradients per step, Woodbury).
+  update_every=F))`: the same schedule; mask by OBS saliency; Fisher: kept weights
+  corrected by the OBS formula every step (32 per-example gradients per step,
+  Woodbury); diagonal: the projection of a diagonal curvature is the mask itself.
 - **obs-fisher-masks**: obs-fisher with `compensate="mask_updates"`: the Fisher and the
   OBS correction only when the mask is recomputed, pruned coordinates zeroed in between.
 - **ste**: straight-through magnitude pruning (`ste(cubic)`, masked forward with

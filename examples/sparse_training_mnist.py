@@ -17,8 +17,8 @@ jitted ``lax.scan`` of train steps. The methods, all ``optax.adamw(1e-3)`` under
 - ``obs-fisher``: ``chain(adamw, obs_projection(cubic, "fisher", update_every=F))``: the
   same schedule, the mask by OBS saliency under the empirical Fisher of 32 per-example
   gradients of the batch (``per_example_grads=``, passed as a function so that it is
-  computed only where it is used), the kept weights corrected by the OBS formula at
-  every update.
+  run only where it is used), the kept weights corrected by the OBS formula at every
+  update.
 - ``obs-fisher-masks``: ``obs-fisher`` with ``compensate="mask_updates"``: the OBS
   correction (and the Fisher) only when the mask is recomputed, the pruned coordinates
   zeroed in between.
@@ -110,7 +110,7 @@ def make_epoch(model, tx, n, needs_pe, masked_forward):
             extra = {}
             if needs_pe:
                 one = lambda q, xi, yi: loss(q, xi[None], yi[None])
-                # A function: obs_projection calls it only where it uses the Fisher
+                # A function: obs_projection runs it only where it uses the Fisher
                 # (every update, or only at mask updates with compensate="mask_updates").
                 extra["per_example_grads"] = lambda: jax.vmap(jax.grad(one), (None, 0, 0))(
                     p, x[:FISHER_EXAMPLES], y[:FISHER_EXAMPLES])

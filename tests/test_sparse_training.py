@@ -342,6 +342,50 @@ def test_obs_projection_default_is_the_diagonal_curvature_with_no_extra_argument
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_obs_projection_mask_updates_with_a_bad_schedule_value_only_hold_the_masks(
+        f64_problem):
+    # At a due step whose schedule value is unusable the masks are kept, nothing is newly
+    # removed, so nothing is OBS-corrected and the Fisher is not run (a NaN one would be
+    # counted as skipped); the bad value is counted.
+    params, loss, per_example, *_ = f64_problem
+    sched = lambda count: jnp.where(count >= 2, jnp.nan, 0.75)
+    tx = optax.chain(optax.sgd(0.3), iox.obs_projection(
+        sched, "fisher", damping=0.05, update_every=2, compensate="mask_updates"))
+    state, p = tx.init(params), params
+    nan_rows = lambda: jax.tree.map(lambda g: g * jnp.nan, per_example(params))
+    for step in range(3):
+        grads = jax.grad(loss)(p)
+        fn = nan_rows if step == 2 else (lambda q=p: per_example(q))
+        held = state[1].masks
+        updates, state = jax.jit(lambda g, s, q, fn=fn: tx.update(
+            g, s, q, per_example_grads=fn))(grads, state, p)
+        candidate = optax.apply_updates(p, jax.tree.map(lambda g: -0.3 * g, grads))
+        p = optax.apply_updates(p, updates)
+    assert int(state[1].bad_sparsity) == 1 and int(state[1].skipped) == 0
+    for got, c, m in zip(jax.tree.leaves(p), jax.tree.leaves(candidate),
+                         jax.tree.leaves(held), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.where(m, c, 0.0), rtol=1e-12)
+
+
+def test_obs_projection_takes_an_equinox_module_of_per_example_grads_as_data():
+    # vmap(grad) of an Equinox model gives a callable pytree: data, not a function.
+    import equinox as eqx
+
+    mlp = eqx.nn.MLP(6, 3, 8, 1, key=jax.random.key(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    x = jax.random.normal(jax.random.key(1), (5, 6))
+    loss = lambda p, xb: jnp.mean(jax.vmap(eqx.combine(p, static))(xb) ** 2)
+    per_example = jax.vmap(lambda xi: jax.grad(loss)(params, xi[None]))(x)
+    assert callable(per_example)  # the case being tested
+    tx = optax.chain(optax.sgd(0.1), iox.obs_projection(0.5, "fisher"))
+    grads = jax.grad(loss)(params, x)
+    by_module, _ = tx.update(grads, tx.init(params), params, per_example_grads=per_example)
+    as_function, _ = tx.update(grads, tx.init(params), params,
+                               per_example_grads=lambda: per_example)
+    for a, b in zip(jax.tree.leaves(by_module), jax.tree.leaves(as_function), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_obs_projection_guards_a_nan_step_and_counts_it(f64_problem):
     params, loss, per_example, *_ = f64_problem
     tx = optax.chain(optax.sgd(0.1), iox.obs_projection(0.5, "fisher"))

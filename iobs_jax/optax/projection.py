@@ -90,8 +90,9 @@ def obs_projection(
 
     - ``"fisher"``: empirical Fisher ``G^T G / m`` of ``per_example_grads=`` (a pytree
       like params with a leading axis of ``m`` examples, at ``params``, or a function of
-      no arguments returning one: it is then called only where the curvature is used),
-      solved by Woodbury in ``O(m^2 d)``; exact inverse diagonal for the saliency.
+      no arguments returning one, run at the caller's matmul precision and, with
+      ``compensate="mask_updates"``, only at mask updates), solved by Woodbury in
+      ``O(m^2 d)``; exact inverse diagonal for the saliency.
     - ``"hvp"``: the loss Hessian through Hessian-vector products of ``loss_fn=``
       (``params -> scalar``, at ``params``); the kept weights are corrected by truncated
       CG on the masked operator. Matrix-free curvature has no inverse diagonal, so the
@@ -103,8 +104,10 @@ def obs_projection(
       The saliency is ``theta~^2 C`` and the projection of a diagonal curvature is the
       mask. The default because it needs nothing but the chain, and because it is the
       curvature that measured best: on the MNIST MLP after AdamW it beats gradual
-      magnitude pruning at 90% and 95% where the Fisher does not
-      (``docs/sparse_training.md``).
+      magnitude pruning at 90% and 95%, the Fisher at neither with
+      ``compensate="every_update"`` (``docs/sparse_training.md``). Until December 2026
+      the default was ``"fisher"``: pass it by name (``per_example_grads=`` is ignored
+      by the other curvatures, as Optax chains offer extra arguments to every member).
 
     ``damping``: with ``damping_mode="relative"`` (default) ``lambda = damping * mean(diag
     C)`` (exact for Fisher and diagonal, a 4-probe Hutchinson estimate of ``|trace|`` for
@@ -122,11 +125,13 @@ def obs_projection(
     the candidate is only the optimizer's step on pruned coordinates; with a Fisher of a
     few dozen gradients, folding it into the kept weights every step adds noise (on the
     MNIST MLP at 95% one seed lost 1.8 points in its last epoch that way). The curvature
-    is then built only at mask updates (``loss_fn`` and a callable ``per_example_grads``
-    are not evaluated in between), so a Fisher of many more examples, as WoodFisher
-    uses, costs only there. Neither is better everywhere: on the MNIST CNN at 98%
-    ``"mask_updates"`` lost 4 points to the default (``docs/sparse_training.md``). With
-    ``"diagonal"`` the two are the same (its projection is the mask).
+    is then computed only at mask updates (a ``lax.cond``: ``loss_fn`` and a callable
+    ``per_example_grads`` are traced but not run in between; under ``vmap`` with a
+    batched step count both branches run), so a Fisher of many more examples, as
+    WoodFisher uses, costs time only there. Neither is better everywhere: on the MNIST
+    CNN at 98% ``"mask_updates"`` lost 4 points to ``"every_update"``
+    (``docs/sparse_training.md``). With ``"diagonal"`` the two are the same (its
+    projection is the mask).
 
     Example:
       >>> tx = optax.chain(optax.sgd(0.1), obs_projection(0.5, "diagonal"))
@@ -146,9 +151,14 @@ def obs_projection(
     def init_fn(params):
         return _init_state(OBSProjectionState, proj, params, curvature == "diagonal")
 
-    @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
     def update_fn(updates, state, params=None, *, per_example_grads=None, loss_fn=None,
                   grads=None, **_extra):
+        if _is_function(per_example_grads):  # the user's model, at the user's precision
+            per_example_grads = _at_callers_precision(per_example_grads)
+        return update_at_highest(updates, state, params, per_example_grads, loss_fn, grads)
+
+    @highest_precision  # Woodbury and CG cancel; TF32 products would break them on GPU
+    def update_at_highest(updates, state, params, per_example_grads, loss_fn, grads):
         _need_params(params, "obs_projection")
         floats, where, rebuild = _float_leaves(params)
         leaves = jax.tree.leaves(updates)
@@ -164,11 +174,13 @@ def obs_projection(
             return _apply_masks(target, masks, where, curv), masks, bad, diagonal
 
         if compensate == "mask_updates" and curvature != "diagonal":
-            # The curvature (and a callable per_example_grads) only at mask updates.
+            # The curvature (and a callable per_example_grads) only at mask updates; a
+            # bad schedule value there keeps the masks, so nothing is newly removed.
+            due = proj.due(state.count)
+            unusable = due & proj.sparsity_at(state.count)[1]
             hold = lambda: (_apply_masks(target, state.masks, where, None), state.masks,
-                            jnp.zeros((), bool))
-            new, masks, bad = jax.lax.cond(proj.due(state.count),
-                                           lambda: project()[:3], hold)
+                            unusable)
+            new, masks, bad = jax.lax.cond(due & ~unusable, lambda: project()[:3], hold)
             diagonal = None
         else:
             new, masks, bad, diagonal = project()
@@ -178,6 +190,24 @@ def obs_projection(
                                        skipped, bad)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_function(x) -> bool:
+    """A function to call, not data: a callable pytree (an Equinox module of per-example
+    gradients, as ``jax.vmap(jax.grad(...))`` returns for an Equinox model) is data."""
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
+
+
+def _at_callers_precision(fn: Callable) -> Callable:
+    """``fn`` run at the matmul precision in force where it was passed (the projection
+    itself runs at ``"highest"``; the user's forward and backward passes should not)."""
+    precision = jax.config.jax_default_matmul_precision
+
+    def call():
+        with jax.default_matmul_precision(precision):
+            return fn()
+
+    return call
 
 
 def _check_obs_options(curvature, damping, damping_mode, decay, cg_tol, cg_maxiter):
@@ -199,7 +229,7 @@ def _fisher_curvature(floats, target, state, extra, *, damping, relative, **_):
                          "(jax.vmap(jax.grad(loss), (None, 0))(params, batch), or a "
                          "function of no arguments returning them), passed to update "
                          "(optax.chain forwards it).")
-    rows = fisher_rows(per_example() if callable(per_example) else per_example,
+    rows = fisher_rows(per_example() if _is_function(per_example) else per_example,
                        extra["where"], floats)
     lam = damping * WoodburyCurvature(rows, 0.0).mean_diag() if relative else damping
     curv = WoodburyCurvature(rows, lam)
