@@ -386,6 +386,23 @@ def test_obs_projection_takes_an_equinox_module_of_per_example_grads_as_data():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_obs_projection_runs_a_per_example_function_at_the_callers_precision(f64_problem):
+    # The projection runs at "highest" matmul precision; the user's model must not.
+    params, loss, per_example, *_ = f64_problem
+    tx = optax.chain(optax.sgd(0.3), iox.obs_projection(0.75, "fisher"))
+    seen = []
+
+    def rows():
+        seen.append(jax.config.jax_default_matmul_precision)
+        return per_example(params)
+
+    for precision in (None, "bfloat16"):
+        with jax.default_matmul_precision(precision):
+            tx.update(jax.grad(loss)(params), tx.init(params), params,
+                      per_example_grads=rows)
+    assert seen == [None, "bfloat16"]
+
+
 def test_obs_projection_guards_a_nan_step_and_counts_it(f64_problem):
     params, loss, per_example, *_ = f64_problem
     tx = optax.chain(optax.sgd(0.1), iox.obs_projection(0.5, "fisher"))
