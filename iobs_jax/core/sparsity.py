@@ -340,9 +340,13 @@ class Projector:
         bad = ~(jnp.isfinite(s) & (s >= 0) & (s < 1))
         return jnp.where(bad, 0.0, s), bad
 
-    def due(self, count) -> jax.Array:
-        """Whether update ``count`` recomputes the masks (every ``update_every``-th)."""
-        return count % self.every == 0
+    def step(self, count) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(s, recompute, bad)`` of update ``count``: the scheduled sparsity, whether the
+        masks are recomputed (every ``update_every``-th update, with a usable ``s``), and
+        whether a due update has an unusable ``s`` (then the masks are kept)."""
+        s, unusable = self.sparsity_at(count)
+        due = count % self.every == 0
+        return s, due & ~unusable, due & unusable
 
     def masks(self, scores, old_masks, count, like=None):
         """``(masks, bad)``: new masks from ``scores`` (a pytree like params) at mask-update
@@ -354,13 +358,11 @@ class Projector:
         inverse curvature's diagonal, which the projection itself does not)."""
         thunk = scores if callable(scores) else (lambda: scores)
         chosen = self.chosen(like if like is not None else scores)
-        due = self.due(count)
-        s, bad = self.sparsity_at(count)
-        bad = due & bad
+        s, recompute, bad = self.step(count)
         if self.every == 1 and not callable(self.sparsity):
             return self.fresh(thunk(), s, chosen), bad
         # Between mask updates skip the scores and the selection entirely.
-        new = jax.lax.cond(due & ~bad, lambda: self.fresh(thunk(), s, chosen),
+        new = jax.lax.cond(recompute, lambda: self.fresh(thunk(), s, chosen),
                            lambda: old_masks)
         return new, bad
 

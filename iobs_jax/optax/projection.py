@@ -176,11 +176,9 @@ def obs_projection(
         if compensate == "mask_updates" and curvature != "diagonal":
             # The curvature (and a callable per_example_grads) only at mask updates; a
             # bad schedule value there keeps the masks, so nothing is newly removed.
-            due = proj.due(state.count)
-            unusable = due & proj.sparsity_at(state.count)[1]
-            hold = lambda: (_apply_masks(target, state.masks, where, None), state.masks,
-                            unusable)
-            new, masks, bad = jax.lax.cond(due & ~unusable, lambda: project()[:3], hold)
+            _, recompute, bad = proj.step(state.count)
+            hold = lambda: (_apply_masks(target, state.masks, where, None), state.masks, bad)
+            new, masks, bad = jax.lax.cond(recompute, lambda: project()[:3], hold)
             diagonal = None
         else:
             new, masks, bad, diagonal = project()
